@@ -1,0 +1,80 @@
+"""Orbax checkpoints: what a checkpoint holds and how it is found again.
+
+A checkpoint is one step directory under WORKDIR/checkpoints holding
+  state: {'step', 'params', 'batch_stats', 'opt', 'method'}  (method: key encoder, queues, pointers, ...)
+  meta:  JSON {'step', 'history': [eval records], 'config': the run's config as a dict}
+The data position is the step itself: the input pipeline is a pure function of (seed, step).
+
+Orbax writes a step into a temporary directory and renames it when complete, so a save killed midway
+leaves a '*.orbax-checkpoint-tmp*' directory that is never taken for a checkpoint; the previous step
+stays the latest good one.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+SUBDIR = 'checkpoints'
+
+
+class Checkpointer:
+  """A thin wrapper over ocp.CheckpointManager with the project's layout."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int = 2, asynchronous: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), SUBDIR)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=True),
+        item_names=('state', 'meta'))
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, target):
+    """Returns (state shaped and sharded like `target`, meta)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _step_directory(path: str) -> str:
+  """Accepts a workdir, its checkpoints/ directory or one step directory; returns a step directory."""
+  path = os.path.abspath(path)
+  for candidate in (os.path.join(path, SUBDIR), path):
+    if not os.path.isdir(candidate):
+      continue
+    if os.path.isdir(os.path.join(candidate, 'state')):
+      return candidate
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()
+             and os.path.isdir(os.path.join(candidate, d, 'state'))]
+    if steps:
+      return os.path.join(candidate, str(max(steps)))
+  raise FileNotFoundError(
+      f'No concept_jax checkpoint under {path}: expected WORKDIR/{SUBDIR}/<step>/state as written by '
+      '`python -m concept_jax.main`. Pass the workdir of a finished run, or a .pth/.safetensors file.')
+
+
+def load_variables(path: str) -> dict:
+  """{'params', 'batch_stats'} (numpy, host memory) of the Classifier saved in a project checkpoint."""
+  state_dir = os.path.join(_step_directory(path), 'state')
+  # The whole state is read (optimizer and method state included) and then dropped: simpler than a
+  # partial restore, and a pretrained checkpoint is read once per run.
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(state_dir)
+  missing = [k for k in ('params', 'batch_stats') if k not in restored]
+  if missing:
+    raise ValueError(f'{state_dir} is not a concept_jax training checkpoint: it lacks {missing}.')
+  return jax.device_get({'params': restored['params'], 'batch_stats': restored['batch_stats']})

@@ -1,0 +1,83 @@
+"""Helpers shared by our tfds builders: TF without GPUs, image validation with readable errors."""
+import importlib.resources
+import io
+import os
+import sys
+
+# tensorflow-datasets 4.9.10 looks up `importlib_resources.abc.Traversable` whenever it prepares a
+# data set (DatasetBuilder.code_path), but declares the `importlib_resources` backport only for
+# Python < 3.9. The standard library's importlib.resources (3.11+) provides the same class.
+if sys.version_info >= (3, 11):
+  sys.modules.setdefault('importlib_resources', importlib.resources)
+
+# Formats stored as they are; anything else (or an unusual colour mode) is re-encoded as PNG so that
+# tf.io.decode_image can read every stored image.
+_PASS_THROUGH = {'JPEG': ('L', 'RGB'), 'PNG': ('L', 'LA', 'RGB', 'RGBA', 'P')}
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+
+class CorruptImageError(ValueError):
+  """Raised when images cannot be decoded; the message lists them and says how to fix it."""
+
+
+class DataNotPreparedError(FileNotFoundError):
+  """Raised when a data set has not been prepared; the message gives the prepare command."""
+
+
+def import_tf():
+  """Imports TensorFlow and hides every GPU from it (the accelerators belong to JAX)."""
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TF already initialised its devices: too late to hide them, and harmless.
+    pass
+  return tf
+
+
+def check_image(path):
+  """Fully decodes one image file with PIL. Returns None if it is fine, else the reason (str)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+  except Exception as e:  # PIL raises many exception types for broken files.
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def check_images(paths, *, fix):
+  """Decodes every file; raises CorruptImageError listing all the bad ones and `fix`."""
+  bad = [(p, reason) for p in paths if (reason := check_image(p)) is not None]
+  if bad:
+    lines = '\n'.join(f'  {p}  ({reason})' for p, reason in bad[:50])
+    more = f'\n  ... and {len(bad) - 50} more' if len(bad) > 50 else ''
+    raise CorruptImageError(f'{len(bad)} image file(s) cannot be decoded:\n{lines}{more}\n{fix}')
+
+
+def image_bytes(path, crop_bottom=0):
+  """Encoded bytes of an image file, ready for tfds.features.Image.
+
+  JPEG/PNG files in common colour modes pass through unchanged (no re-encoding loss); other formats
+  are re-encoded as PNG. `crop_bottom` > 0 removes that many pixel rows at the bottom (re-encoded
+  as JPEG, quality 95).
+  """
+  from PIL import Image
+  with Image.open(path) as im:
+    if crop_bottom:
+      im = im.convert('RGB')
+      im = im.crop((0, 0, im.width, im.height - crop_bottom))
+      buf = io.BytesIO()
+      im.save(buf, format='JPEG', quality=95)
+      return buf.getvalue()
+    if im.format in _PASS_THROUGH and im.mode in _PASS_THROUGH[im.format]:
+      with open(path, 'rb') as f:
+        return f.read()
+    buf = io.BytesIO()
+    im.convert('RGB').save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def list_images(folder):
+  """Sorted image files (by extension) directly inside `folder`."""
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))

@@ -1,0 +1,88 @@
+"""A user's folder of images as a tfds builder.
+
+Layout:  root/train/<class name>/*.jpg   and   root/test/<class name>/*.jpg
+(any of common.IMAGE_EXTENSIONS). Class ids are the class folder names of train/ in sorted order;
+test/ may omit classes but may not add any. Every image is decoded once at prepare time: broken
+files are all listed in one error before anything is written.
+
+Each root gets its own tfds config (folder name + hash of the absolute path), so several folders can
+share one data_dir; the root must therefore be given (as manual_dir) when reading, too.
+"""
+import dataclasses
+import hashlib
+import os
+import re
+
+import tensorflow_datasets as tfds
+
+from concept_jax.data.builders import common
+
+SPLITS = ('train', 'test')
+
+
+@dataclasses.dataclass(eq=False)
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  root: str = ''
+
+
+def image_folder_config(root):
+  """The builder config of one folder root."""
+  root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+  slug = re.sub(r'[^a-zA-Z0-9_]+', '_', os.path.basename(root.rstrip('/'))).strip('_') or 'root'
+  digest = hashlib.sha1(root.encode()).hexdigest()[:8]
+  return ImageFolderConfig(name=f'{slug}_{digest}', description=f'Images under {root}', root=root)
+
+
+def scan(root):
+  """{split: [(path, class name)]} and the sorted class names, with layout errors explained."""
+  layout = ('Expected root/train/<class>/<image> and root/test/<class>/<image> '
+            f'(extensions {", ".join(common.IMAGE_EXTENSIONS)}).')
+  for split in SPLITS:
+    if not os.path.isdir(os.path.join(root, split)):
+      raise FileNotFoundError(f'No {split}/ folder in {root}. {layout}')
+  listing = {}
+  for split in SPLITS:
+    folder = os.path.join(root, split)
+    classes = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d)) and not d.startswith('.'))
+    listing[split] = [(p, c) for c in classes for p in common.list_images(os.path.join(folder, c))]
+    if not listing[split]:
+      raise FileNotFoundError(f'No images in {folder}/<class>/. {layout}')
+  class_names = sorted({c for _, c in listing['train']})
+  extra = sorted({c for _, c in listing['test']} - set(class_names))
+  if extra:
+    raise ValueError(f'Classes {extra} have test images in {root}/test but no training images in '
+                     f'{root}/train. Add training images or remove those test folders.')
+  return listing, class_names
+
+
+class UserImageFolder(tfds.core.GeneratorBasedBuilder):
+  """root/{train,test}/<class>/<image> -> tfds splits 'train' and 'test'."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='Images from a user folder, one sub-folder per class.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(),
+            'label': tfds.features.ClassLabel(),  # names set from the folder at prepare time
+            'file_name': tfds.features.Text(),  # '<split>/<class>/<file>', relative to the root
+        }),
+        supervised_keys=('image', 'label'),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download
+    root = self.builder_config.root
+    listing, class_names = scan(root)
+    self.info.features['label'].names = class_names
+    common.check_images([p for rows in listing.values() for p, _ in rows],
+                        fix='Delete or replace these files, then run the prepare command again.')
+    return {split: self._generate_examples(root, rows) for split, rows in listing.items()}
+
+  def _generate_examples(self, root, rows):
+    for path, class_name in rows:
+      rel = os.path.relpath(path, root).replace(os.sep, '/')
+      yield rel, {'image': common.image_bytes(path), 'label': class_name, 'file_name': rel}

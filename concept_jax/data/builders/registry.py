@@ -1,0 +1,198 @@
+"""Short data set names -> tfds builders, the "not prepared" error, and reading a split into memory.
+
+A split is read once per process into an `Examples` record (encoded image bytes, labels, file
+names) and kept in a small cache: training streams, evaluations and `dataset_info` share it, and
+random access by index lets the training stream seek without decoding skipped examples.
+
+Examples are put in a canonical order, sorted by (label, file name), so that index-based choices
+(sampling-rate subsets, validation hold-out) depend only on the data, not on tfds shard order.
+"""
+import dataclasses
+import functools
+import os
+
+import numpy as np
+
+from concept_jax.data.builders import common, synthetic
+from concept_jax.data.builders.common import DataNotPreparedError  # noqa: F401 re-export
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read one data set. `builder`: our own builder ('aircraft', 'image_folder', 'digits'),
+  'synthetic', or None for a data set registered in tfds under `tfds_name`."""
+  tfds_name: str | None
+  train_split: str = 'train'
+  test_split: str = 'test'
+  num_classes: int | None = None  # informational; the prepared data's ClassLabel is authoritative
+  image_key: str = 'image'
+  label_key: str = 'label'
+  name_key: str | None = None  # a per-example file name or id (image lists, canonical order)
+  builder: str | None = None
+  manual: str = ''  # what to put in --manual_dir, for data sets that need it
+
+
+REGISTRY = {
+    'cub200': DatasetSpec('caltech_birds2011', num_classes=200, name_key='image/filename'),
+    'stanford_cars': DatasetSpec('cars196', num_classes=196, name_key='id'),
+    # Flowers and DTD: train on train+validation (2,040 / 3,760 images), as is usual for transfer.
+    'flowers102': DatasetSpec('oxford_flowers102', train_split='train+validation',
+                              num_classes=102, name_key='file_name'),
+    'pets': DatasetSpec('oxford_iiit_pet', num_classes=37, name_key='file_name'),
+    'dtd': DatasetSpec('dtd', train_split='train+validation', num_classes=47, name_key='file_name'),
+    'caltech101': DatasetSpec('caltech101', num_classes=102, name_key='image/file_name'),
+    'cifar10': DatasetSpec('cifar10', num_classes=10, name_key='id'),
+    'cifar100': DatasetSpec('cifar100', num_classes=100, name_key='id'),
+    'aircraft': DatasetSpec('fgvc_aircraft', num_classes=100, name_key='file_name',
+                            builder='aircraft',
+                            manual='a folder holding fgvc-aircraft-2013b.tar.gz (or its extracted '
+                            'fgvc-aircraft-2013b/) from https://www.robots.ox.ac.uk/~vgg/data/'
+                            'fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz (without '
+                            '--manual_dir, prepare tries that download itself)'),
+    'image_folder': DatasetSpec('user_image_folder', name_key='file_name', builder='image_folder',
+                                manual='your folder root, holding train/<class>/*.jpg and '
+                                'test/<class>/*.jpg'),
+    'digits': DatasetSpec('sklearn_digits', num_classes=10, name_key='file_name', builder='digits'),
+    'synthetic': DatasetSpec(None, builder='synthetic'),
+}
+_NAME_KEYS = ('file_name', 'image/filename', 'image/file_name', 'filename', 'id')
+
+
+def split_name(name):
+  """'aircraft/cropped' -> ('aircraft', 'cropped'); 'cub200' -> ('cub200', None)."""
+  base, _, config = name.partition('/')
+  return base, (config or None)
+
+
+def get_spec(name):
+  """The spec of a short name; any other name is taken as a tfds name with default keys."""
+  base, _ = split_name(name)
+  return REGISTRY.get(base) or DatasetSpec(base)
+
+
+def resolve_data_dir(data_dir):
+  """The tfds data_dir actually used: data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  d = data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
+  return os.path.abspath(os.path.expanduser(os.fspath(d)))
+
+
+def prepare_command(name, data_dir, manual_dir=None):
+  """The shell command that prepares a data set."""
+  spec = get_spec(name)
+  cmd = f'python -m concept_jax.data.prepare --data={name} --data_dir={resolve_data_dir(data_dir)}'
+  if spec.manual:
+    cmd += f' --manual_dir={manual_dir or "MANUAL_DIR"}'
+  return cmd
+
+
+def make_builder(name, data_dir, manual_dir=None):
+  """A tfds builder for a data name (short name, optionally '/config', or any tfds name)."""
+  import tensorflow_datasets as tfds
+  spec = get_spec(name)
+  _, config = split_name(name)
+  data_dir = resolve_data_dir(data_dir)
+  if spec.builder == 'synthetic':
+    raise ValueError('The synthetic data set has no builder: its images are generated on the fly.')
+  if spec.builder == 'aircraft':
+    from concept_jax.data.builders import aircraft
+    return aircraft.FgvcAircraft(data_dir=data_dir, config=config)
+  if spec.builder == 'digits':
+    from concept_jax.data.builders import digits
+    return digits.SklearnDigits(data_dir=data_dir)
+  if spec.builder == 'image_folder':
+    from concept_jax.data.builders import image_folder
+    if not manual_dir:
+      raise ValueError('image_folder needs data_config.manual_dir (prepare: --manual_dir) = '
+                       'the folder root holding train/<class>/ and test/<class>/.')
+    return image_folder.UserImageFolder(data_dir=data_dir,
+                                        config=image_folder.image_folder_config(manual_dir))
+  tfds_name = spec.tfds_name + (f'/{config}' if config else '')
+  try:
+    return tfds.builder(tfds_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Unknown data set {name!r}. Use one of {sorted(REGISTRY)} or a tfds '
+                     'data set name.') from e
+
+
+def prepared_builder(name, data_dir, manual_dir=None):
+  """make_builder, checked to be prepared. The offline digits set is prepared on first use; any
+  other unprepared data set raises DataNotPreparedError with the command that prepares it."""
+  builder = make_builder(name, data_dir, manual_dir)
+  if builder.is_prepared():
+    return builder
+  if get_spec(name).builder == 'digits':
+    builder.download_and_prepare()
+    return builder
+  spec = get_spec(name)
+  msg = (f'Data set {name!r} (tfds {builder.name!r}) is not prepared in '
+         f'{resolve_data_dir(data_dir)}. Prepare it once with:\n  '
+         f'{prepare_command(name, data_dir, manual_dir)}')
+  if spec.manual:
+    msg += f'\nwhere --manual_dir is {spec.manual}.'
+  raise DataNotPreparedError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """One split in memory, canonical order. images: encoded bytes per example, or None for
+  synthetic data (images made from the index). labels: int64 (N,) ids of the full data set."""
+  labels: np.ndarray
+  names: np.ndarray
+  images: tuple | None
+  class_names: tuple
+  name: str
+  split: str
+
+
+def _read_tfds(name, data_dir, manual_dir, split):
+  import tensorflow_datasets as tfds
+  common.import_tf()
+  spec = get_spec(name)
+  builder = prepared_builder(name, data_dir, manual_dir)
+  features = builder.info.features
+  name_key = spec.name_key or next((k for k in _NAME_KEYS if k in features), None)
+  keep = {spec.image_key: True, spec.label_key: True}
+  if name_key:
+    keep[name_key] = True
+  ds = builder.as_dataset(
+      split=spec.train_split if split == 'train' else spec.test_split, shuffle_files=False,
+      decoders=tfds.decode.PartialDecoding(keep, decoders={spec.image_key: tfds.decode.SkipDecoding()}))
+  images, labels, names = [], [], []
+  for i, ex in enumerate(ds.as_numpy_iterator()):
+    images.append(ex[spec.image_key])
+    labels.append(int(ex[spec.label_key]))
+    n = ex[name_key] if name_key else str(i)
+    names.append(n.decode() if isinstance(n, bytes) else str(n))
+  labels, names = np.asarray(labels, np.int64), np.asarray(names, dtype=str)
+  order = np.lexsort((names, labels))  # canonical order: by label, then file name
+  return Examples(labels[order], names[order], tuple(images[i] for i in order),
+                  tuple(features[spec.label_key].names), name, split)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_examples(name, data_dir, manual_dir, split, synthetic_options):
+  if get_spec(name).builder == 'synthetic':
+    labels = synthetic.labels(split, dict(zip(_SYN_KEYS, synthetic_options)))
+    names = np.asarray([f'synthetic/{split}/{i:06d}' for i in range(len(labels))], dtype=str)
+    class_names = tuple(f'class_{c:03d}' for c in range(synthetic_options[0]))
+    return Examples(labels, names, None, class_names, name, split)
+  return _read_tfds(name, data_dir, manual_dir, split)
+
+
+_SYN_KEYS = ('num_classes', 'train_per_class', 'test_per_class', 'image_size', 'noise', 'seed')
+
+
+def load_examples(data_config, split):
+  """The 'train' or 'test' split of `data_config.name`, all examples, canonical order (cached)."""
+  if split not in ('train', 'test'):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  get = lambda k: data_config.get(k, None)
+  data_dir = resolve_data_dir(get('data_dir'))
+  manual_dir = os.path.abspath(os.path.expanduser(get('manual_dir'))) if get('manual_dir') else None
+  return _cached_examples(data_config.name, data_dir, manual_dir, split,
+                          synthetic.options_tuple(get('synthetic')))
+
+
+def clear_cache():
+  """Forgets splits read so far (e.g. after preparing a data set again)."""
+  _cached_examples.cache_clear()

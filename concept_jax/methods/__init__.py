@@ -1,0 +1,19 @@
+"""Fine-tuning methods by name; each is a module named after its paper."""
+import importlib
+
+_METHODS = {
+    'erm': 'concept_jax.methods.erm:ERM',
+    'concept_tuning': 'concept_jax.methods.concept_tuning:ConceptTuning',
+}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_METHODS)
+
+
+def get(name: str):
+  """The Method class registered under `name`."""
+  if name not in _METHODS:
+    raise ValueError(f'method.name={name!r} is unknown; choose one of {sorted(_METHODS)}.')
+  module, cls = _METHODS[name].split(':')
+  return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,67 @@
+"""The interface every fine-tuning method implements, and what methods share.
+
+A method owns mathematics only: given parameters and state as pytrees it returns a loss, metrics and
+new state. The trainer owns devices, data, checkpoints and logging. Shapes: images (B, V, H, W, 3)
+float32 normalised, V = len(method.views); labels (B,) int32.
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+from concept_jax.data.views import ViewSpec
+from concept_jax.models.classifier import Classifier
+
+
+class Method:
+  """Plain fine-tuning scaffolding; subclasses override what they change."""
+
+  name = 'base'
+  # Classifier options the method needs (e.g. the front-door branch).
+  model_options: dict = {}
+
+  def __init__(self, config, num_classes: int):
+    self.config = config
+    self.num_classes = num_classes
+    m = config.model
+    self.model = Classifier(num_classes=num_classes, depth=m.depth, width=m.width,
+                            dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim, **self.model_options)
+
+  @property
+  def views(self) -> tuple[ViewSpec, ...]:
+    return (ViewSpec(size=self.config.image_size, scale=tuple(self.config.method.image_scale)),)
+
+  def init_state(self, rng, variables) -> dict:
+    """Extra state carried between steps (queues, a key encoder, ...); {} when none."""
+    del rng, variables
+    return {}
+
+  def apply(self, params, batch_stats, images, rng, *, train: bool, **kwargs):
+    """The classifier on (B, H, W, 3); in train mode also returns the updated batch statistics."""
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if not train:
+      return self.model.apply(variables, images, train=False, rngs={'sample': rng}, **kwargs), batch_stats
+    out, mutated = self.model.apply(variables, images, train=True, rngs={'sample': rng},
+                                    mutable=['batch_stats'], **kwargs)
+    return out, mutated['batch_stats']
+
+  def loss(self, params, batch_stats, state, images, labels, rng):
+    """-> (scalar loss, (metrics dict of scalars, new batch_stats, new state))."""
+    raise NotImplementedError
+
+  def eval_logits(self, variables, images, rng) -> dict:
+    """Logits of every head evaluated, by head name: {'main': (B, C), ...}."""
+    out, _ = self.apply(variables['params'], variables['batch_stats'], images, rng, train=False)
+    heads = {'main': out['logits']}
+    if 'ib_logits' in out:
+      heads['ib'] = out['ib_logits']
+    return heads
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Batch-mean softmax cross-entropy. logits (B, C), labels (B,) int."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def accuracy(logits, labels):
+  return jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -1,0 +1,106 @@
+"""Concept-Tuning (Yang, Huang, Wei; ICCV 2023): concept-level contrast + front-door adjustment.
+
+One step, as the official code orders it (../shared/docs/method.md section 3):
+  1. q on view 0 -> logits, IB logits, mu, std; z_q = l2normalise(logits).
+  2. pre-EMA key encoder k on view 2 -> concept boxes and confusing classes.
+  3. q's backbone on the 9 patches of view 2, one pass per patch slot (BatchNorm batch statistics per
+     slot, running statistics untouched), q's head under stop_gradient -> zq_p (B, 9, C).
+  4. EMA of k towards q (q's parameters from before this step's update).
+  5. k on view 1 -> z_k; k on view 3 -> boxes -> zk_p.
+  6. losses against the queues as they were, then enqueue z_k, zk_p.
+Extra state: {'key_params', 'queues': {'z', 'h', 'ptr'}}. The key encoder's BatchNorm running
+statistics are never read (k always runs in train mode), so they are not kept.
+"""
+import jax
+import jax.numpy as jnp
+
+from concept_jax.concepts import crop, losses, momentum, queues, search
+from concept_jax.data.views import ViewSpec
+from concept_jax.methods.base import Method, accuracy, cross_entropy
+
+
+def l2_normalise(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class ConceptTuning(Method):
+  name = 'concept_tuning'
+  model_options = {'front_door': True}
+
+  def __init__(self, config, num_classes: int):
+    super().__init__(config, num_classes)
+    m = config.method
+    # The official code needs confusing <= C - 1; smaller label sets (the demo, Aircraft with the
+    # default 100) use every other class.
+    self.num_confusing = min(m.confusing, num_classes - 1)
+
+  @property
+  def views(self) -> tuple[ViewSpec, ...]:
+    size, m = self.config.image_size, self.config.method
+    image = ViewSpec(size=size, scale=tuple(m.image_scale))
+    patch = ViewSpec(size=size, scale=tuple(m.patch_scale))
+    return (image, image, patch, patch)
+
+  def init_state(self, rng, variables) -> dict:
+    m = self.config.method
+    return {'key_params': jax.tree.map(jnp.copy, variables['params']),
+            'queues': queues.init_queues(rng, self.num_classes, m.queue_size, self.num_classes,
+                                         m.num_concepts)}
+
+  def concepts(self, key_params, batch_stats, images, labels, rng):
+    """k (train mode, no gradient) on one view -> (z (B, C) normalised logits, boxes (B, 9, 4), confusing)."""
+    m = self.config.method
+    out, _ = self.apply(key_params, batch_stats, images, rng, train=True)
+    out = jax.lax.stop_gradient(out)
+    boxes, confusing = search.concept_boxes(
+        out['feature_map'], out['logits'], labels, key_params['head']['kernel'],
+        num_confusing=self.num_confusing, num_concepts=m.num_concepts,
+        concept_step=m.concept_step or None, channels_per_concept=m.channels_per_concept or None,
+        stride=self.model.stride, image_size=images.shape[1], box_anchor=m.box_anchor)
+    return l2_normalise(out['logits']), boxes, confusing
+
+  def patch_embeddings(self, params, batch_stats, images, boxes, rng):
+    """(B, 9, C) normalised logits of the boxed patches; the head is applied under stop_gradient.
+
+    vmap over the patch slot gives each slot its own BatchNorm batch statistics, as the official
+    code's nine separate passes do; the updated running statistics are discarded.
+    """
+    size = self.config.method.patch_size
+    patches = jnp.swapaxes(crop.crop_patches(images, boxes, size), 0, 1)   # (9, B, s, s, 3)
+    features = jax.vmap(lambda p: self.apply(params, batch_stats, p, rng, train=True,
+                                             heads=False)[0]['features'])(patches)
+    head = jax.lax.stop_gradient(params['head'])
+    logits = features @ head['kernel'] + head['bias']                      # (9, B, C)
+    return l2_normalise(jnp.swapaxes(logits, 0, 1))
+
+  def loss(self, params, batch_stats, state, images, labels, rng):
+    m = self.config.method
+    r_q, r_k2, r_qp, r_k1, r_k3, r_kp, r_pos = jax.random.split(rng, 7)
+    key_params = jax.lax.stop_gradient(state['key_params'])
+
+    out, new_batch_stats = self.apply(params, batch_stats, images[:, 0], r_q, train=True)
+    z_q = l2_normalise(out['logits'])
+    _, boxes_q, confusing = self.concepts(key_params, batch_stats, images[:, 2], labels, r_k2)
+    zq_p = self.patch_embeddings(params, batch_stats, images[:, 2], boxes_q, r_qp)
+
+    key_params = momentum.ema_update(key_params, params, m.momentum)
+    z_k, _, _ = self.concepts(key_params, batch_stats, images[:, 1], labels, r_k1)
+    _, boxes_k, _ = self.concepts(key_params, batch_stats, images[:, 3], labels, r_k3)
+    zk_p = jax.lax.stop_gradient(self.patch_embeddings(key_params, batch_stats, images[:, 3], boxes_k, r_kp))
+
+    q = state['queues']
+    ce = cross_entropy(out['logits'], labels, self.config.label_smoothing)
+    image = losses.image_contrastive_loss(z_q, z_k, q['z'], labels, m.temperature)
+    concept = losses.concept_contrastive_loss(
+        zq_p, zk_p, q['h'], labels, confusing, r_pos, temperature=m.temperature,
+        top_pos=m.top_pos, top_neg=m.top_neg, eps=m.sinkhorn_eps, max_iter=m.sinkhorn_iters,
+        thresh=m.sinkhorn_thresh)
+    ib_ce = cross_entropy(out['ib_logits'], labels, self.config.label_smoothing)
+    kl = losses.ib_kl(out['mu'], out['std'], scale=m.kl_scale)
+    total = ce + m.trade_off * image + m.beta * concept + m.ib_weight * ib_ce + m.infow * kl
+
+    new_state = {'key_params': key_params, 'queues': queues.enqueue(q, z_k, zk_p, labels)}
+    metrics = {'ce': ce, 'image_contrast': image, 'concept_contrast': concept, 'ib_ce': ib_ce,
+               'kl': kl, 'accuracy': accuracy(out['logits'], labels),
+               'ib_accuracy': accuracy(out['ib_logits'], labels)}
+    return total, (metrics, new_batch_stats, new_state)

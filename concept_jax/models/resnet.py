@@ -1,0 +1,125 @@
+"""torchvision-layout ResNets (18/34/50/101/152) in Flax Linen, NHWC.
+
+The layout matches torchvision exactly so that its ImageNet weights load by a name table
+(`concept_jax.pretrained`): stride on the 3x3 conv of a Bottleneck (ResNet "v1.5"), a 1x1 strided
+conv + BN as the shortcut where shape changes, explicit symmetric paddings (Flax 'SAME' pads
+(0, 1) at stride 2 where torch pads (1, 1), which shifts every feature map by one pixel), a 3x3/2
+max pool padded with -inf, BatchNorm eps 1e-5 and running-average momentum 0.9 (torch's 0.1).
+
+Parameter names mirror torchvision's state dict with '.' -> '_' for blocks:
+  conv1, bn1, layer{1..4}_{i}/{conv1, bn1, conv2, bn2[, conv3, bn3][, downsample_conv, downsample_bn]}.
+The classifier head ('fc' in torchvision) lives in `classifier.Classifier`, not here.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# depth -> (block kind, blocks per stage). Depth 0 is a test-only miniature (one block per stage).
+_LAYOUTS = {
+    0: ('basic', (1, 1, 1, 1)),
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+}
+_EXPANSION = {'basic': 1, 'bottleneck': 4}
+STRIDE = 32  # input pixels per layer4 cell, for every depth
+
+# torchvision's conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), not truncated.
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def layout(depth: int) -> tuple[str, tuple[int, ...]]:
+  """('basic' | 'bottleneck', blocks per stage) for a supported depth."""
+  if depth not in _LAYOUTS:
+    raise ValueError(f'Unsupported ResNet depth {depth}: choose one of {sorted(_LAYOUTS)} '
+                     '(0 is the tiny test-only variant).')
+  return _LAYOUTS[depth]
+
+
+def feature_dim(depth: int, width: int = 64) -> int:
+  """Channels of the layer4 map: 8 * width * expansion (2048 for ResNet-50, 512 for ResNet-18)."""
+  kind, _ = layout(depth)
+  return 8 * width * _EXPANSION[kind]
+
+
+def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
+  pad = kernel // 2  # torch's symmetric padding; see the module docstring
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _bn(train: bool, name: str, dtype) -> nn.BatchNorm:
+  # Statistics are reduced in float32 by Flax even when dtype is bfloat16.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; (B, H, W, Cin) -> (B, H/s, W/s, features)."""
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.features, 3, self.stride, 'conv1', self.dtype)(x)))
+    y = _bn(train, 'bn2', self.dtype)(_conv(self.features, 3, 1, 'conv2', self.dtype)(y))
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv(self.features, 1, self.stride, 'downsample_conv', self.dtype)(x)
+      x = _bn(train, 'downsample_bn', self.dtype)(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """1x1 reduce, 3x3 (strided, as torchvision), 1x1 expand; (B, H, W, Cin) -> (B, H/s, W/s, 4*features)."""
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    out = 4 * self.features
+    y = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.features, 1, 1, 'conv1', self.dtype)(x)))
+    y = nn.relu(_bn(train, 'bn2', self.dtype)(_conv(self.features, 3, self.stride, 'conv2', self.dtype)(y)))
+    y = _bn(train, 'bn3', self.dtype)(_conv(out, 1, 1, 'conv3', self.dtype)(y))
+    if self.stride != 1 or x.shape[-1] != out:
+      x = _conv(out, 1, self.stride, 'downsample_conv', self.dtype)(x)
+      x = _bn(train, 'downsample_bn', self.dtype)(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """Backbone up to layer4 (no pooling, no fc).
+
+  Attributes:
+    depth: 18, 34, 50, 101, 152, or 0 (tiny test-only variant: BasicBlock, one block per stage).
+    width: channels of the stem and of the first stage's 3x3 convs (torchvision: 64).
+    dtype: compute dtype (bfloat16 or float32); parameters are always float32.
+  """
+  depth: int = 50
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x: (B, H, W, 3) normalised images -> (layer4 map (B, H/32, W/32, D), stages dict).
+
+    stages: 'stem' (B, H/4, W/4, width) after the max pool, 'layer1'..'layer4' (strides 4, 8, 16, 32),
+    all in the compute dtype.
+    """
+    kind, blocks = layout(self.depth)
+    block = BasicBlock if kind == 'basic' else Bottleneck
+    x = jnp.asarray(x, self.dtype)
+    x = _conv(self.width, 7, 2, 'conv1', self.dtype)(x)
+    x = nn.relu(_bn(train, 'bn1', self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    stages = {'stem': x}
+    for stage, count in enumerate(blocks):
+      for i in range(count):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = block(self.width * 2**stage, stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
+      stages[f'layer{stage + 1}'] = x
+    return x, stages

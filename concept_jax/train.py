@@ -1,0 +1,230 @@
+"""The trainer, in sections: mesh, data, init-or-resume, the jitted step, the loop, eval, checkpoints.
+
+Initialisation precedence: resume from WORKDIR's checkpoints > config.resume (another run's checkpoint,
+whole state) > config.pretrained.path (weights only) > scratch.
+Randomness: every step uses fold_in(train_rng, step) and the input pipeline is a pure function of
+(seed, step), so a run interrupted at any checkpoint resumes to bit-identical parameters.
+"""
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from concept_jax import checkpoint, distributed, metrics, methods, optim, pretrained
+from concept_jax.data import pipeline
+from concept_jax.data.normalize import normalize
+from concept_jax.protocols import summarize
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step, so the run saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------- initialisation
+
+def initial_variables(method, config, rng) -> dict:
+  """{'params', 'batch_stats'} from pretrained weights (strict merge) or from scratch, on the host."""
+  size = config.image_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  variables = jax.jit(lambda r: method.model.init({'params': r, 'sample': r}, dummy, train=False))(rng)
+  variables = jax.device_get(dict(variables))
+  if config.pretrained.path:
+    loaded = pretrained.load(config.pretrained.path)
+    variables = pretrained.merge(variables, loaded, reinit=tuple(config.pretrained.reinit))
+    log(f'Loaded pretrained weights from {config.pretrained.path}')
+  return variables
+
+
+def initial_state(method, config, tx, rng, mesh) -> dict:
+  model_rng, method_rng = jax.random.split(rng)
+  variables = initial_variables(method, config, model_rng)
+  state = {
+      'step': np.int32(0),
+      'params': variables['params'],
+      'batch_stats': variables['batch_stats'],
+  }
+  state = distributed.put_replicated(state, mesh)
+  init_rest = jax.jit(lambda s, r: {'opt': tx.init(s['params']),
+                                    'method': method.init_state(r, s)},
+                      out_shardings=distributed.replicated(mesh))
+  state.update(init_rest(state, method_rng))
+  return state
+
+
+# ---------------------------------------------------------------- the compiled steps
+
+def make_train_step(method, tx, lr_fn, rng, mesh):
+  """One jitted step: (state, batch) -> (state, metrics); state donated, batch sharded on 'data'."""
+
+  def step_fn(state, batch):
+    step_rng = jax.random.fold_in(rng, state['step'])
+    images = normalize(batch['images'])
+
+    def loss_fn(params):
+      return method.loss(params, state['batch_stats'], state['method'], images, batch['label'], step_rng)
+
+    (loss, (values, batch_stats, method_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    values = dict(values, loss=loss, lr=lr_fn(state['step']), grad_norm=optax.global_norm(grads),
+                  param_norm=optax.global_norm(params))
+    new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
+                 'opt': opt, 'method': method_state}
+    return new_state, values
+
+  replicated = distributed.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(replicated, distributed.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_eval_step(method, mesh):
+  """(variables, batch, rng) -> ({head: number correct}, number of real examples)."""
+
+  def eval_fn(variables, batch, rng):
+    heads = method.eval_logits(variables, normalize(batch['image']), rng)
+    mask = batch['mask']
+    correct = {name: jnp.sum((jnp.argmax(logits, -1) == batch['label']) & mask)
+               for name, logits in heads.items()}
+    return correct, jnp.sum(mask)
+
+  replicated = distributed.replicated(mesh)
+  return jax.jit(eval_fn, in_shardings=(replicated, distributed.batch_sharding(mesh), replicated),
+                 out_shardings=replicated)
+
+
+def evaluate(eval_step, state, config, split: str, mesh, rng) -> dict:
+  """Top-1 accuracy (%) of every head on a split; every example counted exactly once."""
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  correct, count = {}, 0
+  batches = pipeline.eval_batches(config.data, split, batch_size=config.eval_batch_size,
+                                  image_size=config.image_size, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  for i, local in enumerate(batches):
+    c, n = eval_step(variables, distributed.global_batch(local, mesh), jax.random.fold_in(rng, i))
+    c, n = jax.device_get((c, n))
+    correct = {k: correct.get(k, 0) + int(v) for k, v in c.items()}
+    count += int(n)
+  return {f'{split}_{k}': 100.0 * v / max(count, 1) for k, v in correct.items()}
+
+
+# ---------------------------------------------------------------- the run
+
+def run(config, workdir: str) -> dict:
+  """Trains config's method, evaluating every epoch; returns the summary written to results.json."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = distributed.make_mesh()
+  info = pipeline.dataset_info(config.data)
+  method = methods.get(config.method.name)(config, info.num_classes)
+  local_batch = distributed.check_batch_size(config.batch_size, mesh)
+  iters = config.iters_per_epoch
+  total_steps = config.epochs * iters
+  init_rng, train_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
+  log(f'{config.method.name} on {config.data.name}: {info.num_classes} classes, {info.num_train} train / '
+      f'{info.num_val} val / {info.num_test} test, {len(jax.devices())} device(s), '
+      f'{jax.process_count()} process(es), {total_steps} steps of batch {config.batch_size}')
+
+  # Optimizer: its multiplier tree only needs the parameter structure.
+  abstract_params = jax.eval_shape(
+      lambda r: method.model.init({'params': r, 'sample': r},
+                                  jnp.zeros((1, config.image_size, config.image_size, 3)),
+                                  train=False)['params'], init_rng)
+  tx, lr_fn = optim.make_optimizer(config, abstract_params, iters)
+
+  # Init or resume.
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  state = initial_state(method, config, tx, init_rng, mesh)
+  history = []
+  source = ckpt if ckpt.latest_step() is not None else None
+  if source is None and config.resume:
+    source = checkpoint.Checkpointer(config.resume, max_to_keep=None)
+  if source is not None:
+    step = source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'config.resume={config.resume!r} holds no checkpoint.')
+    state, meta = source.restore(step, state)
+    history = meta['history']
+    log(f'Resumed from {source.directory} at step {step}')
+  start = int(state['step'])
+
+  train_step = make_train_step(method, tx, lr_fn, train_rng, mesh)
+  eval_step = make_eval_step(method, mesh)
+  writer = metrics.Writer(workdir)
+  batches = pipeline.train_batches(
+      config.data, method.views, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
+  del local_batch
+
+  def save(step):
+    ckpt.save(step, state, {'step': step, 'history': history, 'config': config.to_dict()})
+
+  preemption = _Preemption()
+  bar = metrics.progress(total_steps, start)
+  pending, pending_steps, t_last = [], [], time.perf_counter()
+  step = start
+  try:
+    while step < total_steps and not preemption.requested:
+      state, values = train_step(state, distributed.global_batch(next(batches), mesh))
+      step += 1
+      pending.append(values)
+      pending_steps.append(step)
+      bar.update(1)
+      epoch_end = step % iters == 0
+      if step % config.log_every == 0 or epoch_end or step == total_steps:
+        host = jax.device_get(pending)
+        metrics.check_finite(pending_steps, [h['loss'] for h in host], [h['grad_norm'] for h in host])
+        now = time.perf_counter()
+        record = dict(metrics.mean_records(host), steps_per_sec=len(host) / (now - t_last))
+        writer.write(step, **record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
+        if bar.disable:
+          log(f"step {step}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.3g} "
+              f"{record['steps_per_sec']:.2f} steps/s")
+        pending, pending_steps, t_last = [], [], time.perf_counter()
+      if (epoch_end and (step // iters) % config.eval_every_epochs == 0) or step == total_steps:
+        record = {'epoch': -(-step // iters)}
+        for split in ('test', 'val') if info.num_val else ('test',):
+          record.update(evaluate(eval_step, state, config, split, mesh,
+                                 jax.random.fold_in(eval_rng, step)))
+        history.append(record)
+        writer.write(step, **record)
+        log(f'epoch {record["epoch"]}: ' + ', '.join(f'{k} {v:.2f}' for k, v in record.items()
+                                                      if k != 'epoch'))
+        t_last = time.perf_counter()
+      if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
+        save(step)
+  finally:
+    bar.close()
+    preemption.restore()
+    ckpt.close()
+
+  if preemption.requested and step < total_steps:
+    log(f'SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.')
+    return {'preempted_at': step}
+  summary = summarize(history)
+  summary.update(method=config.method.name, data=config.data.name, steps=step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary

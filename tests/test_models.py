@@ -1,0 +1,133 @@
+"""Shapes, names, dtypes and BN behaviour of the ResNet backbones and the Classifier."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_jax.models import resnet
+from concept_jax.models.classifier import Classifier
+
+RNGS = {'params': jax.random.key(0), 'sample': jax.random.key(1)}
+
+# torchvision's parameter counts (backbone + 1000-way fc), from its weight metadata.
+TORCHVISION_PARAMS = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = Classifier(num_classes=5, depth=0, width=8, front_door=True, ib_dim=16, source_classes=7)
+  images = jax.random.normal(jax.random.key(2), (2, 64, 64, 3))
+  return model, images, jax.jit(model.init)(RNGS, images)  # jit: eager init compiles op by op
+
+
+def test_tiny_outputs_shapes_and_dtypes(tiny):
+  model, images, variables = tiny
+  out = model.apply(variables, images, rngs={'sample': jax.random.key(3)})
+  d = resnet.feature_dim(0, 8)
+  assert out['feature_map'].shape == (2, 2, 2, d) and out['features'].shape == (2, d)
+  assert out['logits'].shape == (2, 5) and out['ib_logits'].shape == (2, 5)
+  assert out['mu'].shape == (2, 16) and out['std'].shape == (2, 16)
+  assert out['source_logits'].shape == (2, 7)
+  strides = {'stem': 4, 'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
+  assert set(out['stages']) == set(strides)
+  for name, s in strides.items():
+    assert out['stages'][name].shape[:3] == (2, 64 // s, 64 // s), name
+  np.testing.assert_array_equal(out['stages']['layer4'], out['feature_map'])
+  np.testing.assert_allclose(out['features'], out['feature_map'].mean(axis=(1, 2)), rtol=1e-6)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(out))
+  assert model.stride == 32 and model.feature_dim == d
+
+
+def test_parameter_tree_names(tiny):
+  _, _, variables = tiny
+  params, stats = variables['params'], variables['batch_stats']
+  assert set(params) == {'backbone', 'head', 'front_door', 'source_head'}
+  assert set(stats) == {'backbone'}
+  assert set(params['backbone']) == {'conv1', 'bn1', 'layer1_0', 'layer2_0', 'layer3_0', 'layer4_0'}
+  assert set(params['backbone']['layer2_0']) == {'conv1', 'bn1', 'conv2', 'bn2', 'downsample_conv',
+                                                 'downsample_bn'}
+  assert set(params['front_door']) == {'pam', 'cam', 'ib'}
+  assert params['backbone']['conv1']['kernel'].shape == (7, 7, 3, 8)
+  assert 'bias' not in params['backbone']['conv1']
+  assert set(stats['backbone']['bn1']) == {'mean', 'var'}
+  # 'head': normal(0.01) kernel, zero bias.
+  assert np.all(params['head']['bias'] == 0)
+  assert 0.005 < float(np.std(params['head']['kernel'])) < 0.02
+
+
+def test_heads_false_returns_backbone_only(tiny):
+  model, images, variables = tiny
+  out = model.apply(variables, images, heads=False)  # no 'sample' rng needed
+  assert set(out) == {'feature_map', 'features', 'stages'}
+
+
+def test_batch_stats_update_in_train_only(tiny):
+  model, images, variables = tiny
+  rngs = {'sample': jax.random.key(3)}
+  _, new = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
+  old_mean = variables['batch_stats']['backbone']['bn1']['mean']
+  new_mean = new['batch_stats']['backbone']['bn1']['mean']
+  assert not np.allclose(old_mean, new_mean)
+  # Flax momentum 0.9 == torch momentum 0.1: new = 0.9 * old + 0.1 * batch mean.
+  _, fresh = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
+  np.testing.assert_allclose(fresh['batch_stats']['backbone']['bn1']['mean'], new_mean)
+  # train mode normalises with batch statistics: outputs differ from eval mode.
+  eval_out = model.apply(variables, images, rngs=rngs)
+  train_out, _ = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
+  assert not np.allclose(eval_out['features'], train_out['features'])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs(tiny):
+  model, images, variables = tiny
+  rngs = {'sample': jax.random.key(1)}
+  out = model.clone(dtype=jnp.bfloat16).apply(variables, images, rngs=rngs)  # same parameter tree
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(out))
+  ref = model.apply(variables, images, rngs=rngs)
+  for name in ('features', 'logits', 'ib_logits'):
+    scale = float(np.abs(ref[name]).max())
+    np.testing.assert_allclose(out[name], ref[name], atol=0.05 * scale, err_msg=name)
+
+
+def test_missing_sample_rng_is_a_clear_error(tiny):
+  model, images, variables = tiny
+  with pytest.raises(ValueError, match="rngs={'sample'"):
+    model.apply(variables, images)
+
+
+@pytest.mark.parametrize('depth', [18, 34, 50, 101, 152])
+def test_full_depths_shapes_and_torchvision_param_counts(depth):
+  model = Classifier(num_classes=10, depth=depth, source_classes=1000)
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  out, variables = jax.eval_shape(lambda x: model.init_with_output(RNGS, x), images)
+  d = resnet.feature_dim(depth)
+  assert d == (512 if depth < 50 else 2048)
+  assert out['feature_map'].shape == (2, 7, 7, d) and out['logits'].shape == (2, 10)
+  assert out['stages']['stem'].shape == (2, 56, 56, 64)
+  params = variables['params']
+  assert _count(params['backbone']) + _count(params['source_head']) == TORCHVISION_PARAMS[depth]
+  kind, blocks = resnet.layout(depth)
+  assert f'layer3_{blocks[2] - 1}' in params['backbone'] and f'layer3_{blocks[2]}' not in params['backbone']
+  if kind == 'bottleneck':
+    assert params['backbone']['layer1_0']['conv3']['kernel'].shape == (1, 1, 64, 256)
+    # stride on the 3x3 conv (torchvision v1.5): layer2_0's conv1 keeps the resolution.
+    assert params['backbone']['layer2_0']['conv2']['kernel'].shape == (3, 3, 128, 128)
+
+
+def test_width_scales_channels():
+  assert resnet.feature_dim(50, 16) == 512 and resnet.feature_dim(18, 16) == 128
+  with pytest.raises(ValueError, match='Unsupported ResNet depth 20'):
+    resnet.feature_dim(20)
+
+
+def test_maxpool_pads_with_minus_infinity():
+  # All-negative stem activations are impossible after ReLU, but the pool must not see zeros either:
+  # check the padded max pool directly on negative inputs.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = -jnp.ones((1, 4, 4, 1))
+  y = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  np.testing.assert_array_equal(y, -1.0)
