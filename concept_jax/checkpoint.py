@@ -67,14 +67,17 @@ def _step_directory(path: str) -> str:
       '`python -m concept_jax.main`. Pass the workdir of a finished run, or a .pth/.safetensors file.')
 
 
+def load_state(path: str) -> dict:
+  """The whole saved state {'step', 'params', 'batch_stats', 'opt', 'method'} as host numpy arrays."""
+  state_dir = os.path.join(_step_directory(path), 'state')
+  with ocp.StandardCheckpointer() as checkpointer:
+    return jax.device_get(checkpointer.restore(state_dir))
+
+
 def load_variables(path: str) -> dict:
   """{'params', 'batch_stats'} (numpy, host memory) of the Classifier saved in a project checkpoint."""
-  state_dir = os.path.join(_step_directory(path), 'state')
-  # The whole state is read (optimizer and method state included) and then dropped: simpler than a
-  # partial restore, and a pretrained checkpoint is read once per run.
-  with ocp.StandardCheckpointer() as checkpointer:
-    restored = checkpointer.restore(state_dir)
-  missing = [k for k in ('params', 'batch_stats') if k not in restored]
+  state = load_state(path)
+  missing = [k for k in ('params', 'batch_stats') if k not in state]
   if missing:
-    raise ValueError(f'{state_dir} is not a concept_jax training checkpoint: it lacks {missing}.')
-  return jax.device_get({'params': restored['params'], 'batch_stats': restored['batch_stats']})
+    raise ValueError(f'{path} is not a concept_jax training checkpoint: it lacks {missing}.')
+  return {'params': state['params'], 'batch_stats': state['batch_stats']}

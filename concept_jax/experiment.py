@@ -15,7 +15,7 @@ def run(config, workdir: str) -> list[dict]:
   if 'stages' not in config:
     summaries = [train.run(config, workdir)]
   else:
-    summaries = [_run_stage(config.stages[name], os.path.join(workdir, name), workdir)
+    summaries = [dict(_run_stage(config.stages[name], os.path.join(workdir, name), workdir), run=name)
                  for name in config.stage_order]
   train.log(results_table(summaries))
   return summaries
@@ -34,12 +34,13 @@ def _run_stage(stage, stage_dir: str, workdir: str) -> dict:
 
 def results_table(summaries: list[dict]) -> str:
   """Top-1 (%) under both protocols, one row per run."""
-  lines = [f"{'method':<16} {'data':<14} {'official':>9} {'held-out':>9} {'last':>7}"]
+  lines = [f"{'run':<16} {'method':<16} {'data':<14} {'official':>9} {'held-out':>9} {'last':>7}"]
   for s in summaries:
+    run = s.get('run', s.get('method', '?'))
     if 'official' not in s:
-      lines.append(f"{s.get('method', '?'):<16} (not finished: {s})")
+      lines.append(f"{run:<16} (not finished: {s})")
       continue
     held = s.get('held_out', {}).get('top1')
-    lines.append(f"{s['method']:<16} {s['data']:<14} {s['official']['top1']:>9.2f} "
+    lines.append(f"{run:<16} {s['method']:<16} {s['data']:<14} {s['official']['top1']:>9.2f} "
                  f"{'n/a' if held is None else f'{held:.2f}':>9} {s['last']['test_main']:>7.2f}")
   return '\n'.join(lines)

@@ -1,4 +1,7 @@
 """python -m concept_jax.main --config configs/NAME.py[:key=value,...] --workdir DIR"""
+import importlib.util
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,15 +17,58 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  "jax.distributed: 'auto' starts it when a coordinator is given.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# Errors that describe bad input and say how to fix it: shown without a traceback (--verbosity=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError)
+
+
+def config_errors(argv: list[str]) -> str:
+  """'' when --config loads and every --config.a.b override names a field; else what is wrong."""
+  specs = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  specs += [b for a, b in zip(argv, argv[1:]) if a == '--config']
+  if not specs:
+    return ''
+  spec = specs[-1]
+  path, _, arg = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except (OSError, ValueError) as e:
+    return f'{spec}: {e}'
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    node = config
+    for key in a[len('--config.'):].split('=', 1)[0].split('.'):
+      if not hasattr(node, 'keys') or key not in node:
+        valid = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return f'{a}: {key!r} is not a config field here; valid fields: {valid}.'
+      node = node[key]
+  return ''
+
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:
+  verbose = flags.FLAGS['verbosity'].present
+  if not verbose:
     # Orbax logs every save step at INFO; --verbosity=0 brings that back.
     logging.set_verbosity(logging.WARNING)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
-  experiment.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    experiment.run(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    if verbose:
+      raise
+    sys.exit(f'concept_jax: error: {e}\n(rerun with --verbosity=1 for the traceback)')
+
+
+def cli():
+  problem = config_errors(sys.argv[1:])
+  if problem:
+    sys.exit(f'concept_jax: error: {problem}')
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli()

@@ -1,7 +1,8 @@
 """The embedded default: a complete transfer-learning experiment, offline, in minutes on a laptop CPU.
 
 Run:  python -m concept_jax.main --config configs/demo.py --workdir runs/demo     (or `make demo`)
-Data: scikit-learn's 1,797 handwritten 8x8 digits (shipped inside its wheel), upscaled to 32 px.
+Data: scikit-learn's 1,797 handwritten 8x8 digits (shipped inside its wheel), upscaled to 64 px so that
+the layer4 map is 2x2 and the concept boxes pick quarters of the image.
 Stages: (1) pre-train a small ResNet from scratch on digits 0-4 (the "source" task, all examples);
 (2) fine-tune it on digits 5-9 at a 15% per-class sampling rate with ERM; (3) the same with
 Concept-Tuning; then a table of top-1 under both protocols (README: "Protocols").
@@ -19,8 +20,9 @@ def _stage(method: str, classes, sampling_rate: int, steps: int, fast: bool) -> 
   c.data.name = 'digits'
   c.data.classes = classes
   c.data.sampling_rate = sampling_rate
-  c.image_size = 32
-  c.model.update(depth=18, width=16, dtype='float32', ib_dim=32)
+  c.image_size = 64
+  c.data.val_fraction = 0.2
+  c.model.update(depth=18, width=8, dtype='float32', ib_dim=32)
   c.method = common.method_config(method)
   c.batch_size = 32
   c.iters_per_epoch = max(1, steps // 4)
@@ -30,7 +32,7 @@ def _stage(method: str, classes, sampling_rate: int, steps: int, fast: bool) -> 
   c.checkpoint_every = c.iters_per_epoch
   c.optim.update(lr=0.05, schedule='cosine', milestones=(), lr_mults=())
   if method == 'concept_tuning':
-    c.method.update(queue_size=8, confusing=4, patch_size=16, image_scale=(0.5, 1.0))
+    c.method.update(queue_size=8, confusing=4, patch_size=32, image_scale=(0.5, 1.0))
   if fast:
     c.iters_per_epoch, c.epochs, c.log_every = 2, 1, 1
   return c
@@ -39,11 +41,11 @@ def _stage(method: str, classes, sampling_rate: int, steps: int, fast: bool) -> 
 def get_config(arg=None):
   a = common.parse_arg(arg, fast=False)
   source, target = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
-  pretrain = _stage('erm', source, 100, steps=300, fast=a.fast)
+  pretrain = _stage('erm', source, 100, steps=240, fast=a.fast)
   pretrain.optim.lr = 0.1
   stages = {'pretrain': pretrain}
   for method in ('erm', 'concept_tuning'):
-    stage = _stage(method, target, 15, steps=120, fast=a.fast)
+    stage = _stage(method, target, 15, steps=100, fast=a.fast)
     stage.pretrained.path = '@pretrain'
     # The source head is dropped: fine-tuning starts from the backbone alone.
     stages[method] = stage

@@ -53,7 +53,7 @@ def enqueue(queues: Dict[str, jax.Array], z_k: jax.Array, h_k: jax.Array,
   count = jnp.sum(same, axis=1)                                               # class size in batch
   slot = (queues['ptr'][labels] + rank) % k
   keep = rank >= count - k                                                    # last K per class
-  row = jnp.where(keep, labels, num_classes)                                  # dropped: out of range
+  row = jnp.where(keep, labels, num_classes)  # out of range: dropped
   z_k = jax.lax.stop_gradient(z_k).astype(queues['z'].dtype)
   h_k = jax.lax.stop_gradient(h_k).astype(queues['h'].dtype)
   counts = jnp.zeros((num_classes,), jnp.int32).at[labels].add(1)

@@ -5,23 +5,13 @@ view index), so a batch is a pure function of its position in the stream (exact 
 process layout sees the same pixels). Outputs are uint8; ImageNet normalisation runs on device
 (`concept_jax.data.normalize`, re-exported here).
 
-TensorFlow is imported lazily, inside the functions that need it: `ViewSpec` and the normalisation
-constants import without TensorFlow.
+TensorFlow is imported lazily, inside the functions that need it: `ViewSpec` (defined in the
+TF-free `views` module, re-exported here) and the normalisation constants import without it.
 """
-import dataclasses
-
 from concept_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: F401 re-export
+from concept_jax.data.views import ViewSpec  # noqa: F401 re-export
 
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes before its fallback
-
-
-@dataclasses.dataclass(frozen=True)
-class ViewSpec:
-  """One augmented view: RandomResizedCrop(size, scale, ratio) then, if `flip`, a random h-flip."""
-  size: int = 224
-  scale: tuple = (0.08, 1.0)
-  ratio: tuple = (3 / 4, 4 / 3)
-  flip: bool = True
 
 
 def eval_resize_size(size):
@@ -32,7 +22,7 @@ def eval_resize_size(size):
 def view_seed(seed, position, view):
   """Stateless seed (int64 (2,)) of view `view` of the example at global stream `position`."""
   import tensorflow as tf
-  key = tf.constant([0, 0], tf.int64) + tf.cast(tf.stack([seed, 0]), tf.int64)
+  key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
   key = tf.random.experimental.stateless_fold_in(key, tf.cast(position, tf.int64))
   return tf.random.experimental.stateless_fold_in(key, tf.cast(view, tf.int64))
 

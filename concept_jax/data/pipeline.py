@@ -32,13 +32,15 @@ def default_data_config():
       # Short name (cub200, stanford_cars, aircraft[/cropped], flowers102, pets, dtd, caltech101,
       # cifar10, cifar100, image_folder, digits, synthetic) or any tfds name.
       'name': 'synthetic',
-      'data_dir': None,  # tfds data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-      'manual_dir': None,  # aircraft archive folder / image_folder root
+      # Empty strings and tuples mean "not set" (ml_collections cannot override None-typed fields
+      # from the command line).
+      'data_dir': '',  # tfds data_dir; '': $TFDS_DATA_DIR or ~/tensorflow_datasets
+      'manual_dir': '',  # aircraft archive folder / image_folder root
       'sampling_rate': 100,  # percent of each class's training examples kept: 15, 30, 50, 100
       'split_seed': 0,  # seeds the per-class subsets and the validation hold-out
       'val_fraction': 0.0,  # per-class share of the kept examples held out as 'val'
-      'image_list': None,  # a tllib "path label" list fixing the training set (sampling_rate=100)
-      'classes': None,  # optional list of class ids kept, relabelled 0..n-1 in list order
+      'image_list': '',  # a tllib "path label" list fixing the training set (sampling_rate=100)
+      'classes': (),  # optional list of class ids kept, relabelled 0..n-1 in list order
       'synthetic': {'num_classes': 200, 'train_per_class': 30, 'test_per_class': 29,
                     'image_size': 64, 'noise': 20.0, 'seed': 0},
   })
@@ -46,6 +48,7 @@ def default_data_config():
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+  """What a config selects: class count and names after `classes`, split sizes after sampling."""
   num_classes: int
   num_train: int
   num_val: int
@@ -71,7 +74,7 @@ def _get(cfg, key, default=None):
 def _class_map(cfg, num_classes):
   """(num_classes,) original id -> new id (-1 = dropped), and the kept class ids."""
   classes = cfg.get('classes', None)
-  if classes is None:
+  if not classes:
     return np.arange(num_classes), list(range(num_classes))
   classes = [int(c) for c in classes]
   bad = [c for c in classes if not 0 <= c < num_classes]
@@ -153,20 +156,23 @@ class _EpochPermutation:
     return int(self._perm[offset])
 
 
-def _corrupt_error(subset, cfg, candidates, error):
-  """Finds the undecodable example among `candidates` (subset indices) and explains it."""
+def _corrupt_error(subset, cfg, candidates):
+  """A CorruptImageError naming the first undecodable example, looking at `candidates` (subset
+  indices, the failing batch) first, then everywhere; None if every image decodes."""
   tf = common.import_tf()
+  ex = subset.examples
+  if ex.images is None:
+    return None
   for i in list(candidates) + list(range(len(subset.indices))):
     try:
       tf.io.decode_image(_payload(subset, i), channels=3, expand_animations=False)
     except tf.errors.OpError as e:
-      ex = subset.examples
       fix = ('Replace or delete the file and prepare again: ' + registry.prepare_command(
           ex.name, cfg.get('data_dir', None), cfg.get('manual_dir', None)) + ' --force')
       return common.CorruptImageError(
           f'Image {ex.names[subset.indices[i]]!r} (example {int(subset.indices[i])} of the '
           f'{ex.split!r} split of {ex.name!r}) cannot be decoded: {e.message.strip()}\n{fix}')
-  return error
+  return None
 
 
 def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, process_index=0,
@@ -294,8 +300,11 @@ def _iterate(ds, steps, rows_of, subset, cfg):
     for step in steps:
       try:
         batch = next(it)
-      except tf.errors.OpError as e:
-        raise _corrupt_error(subset, cfg, rows_of(step), e) from e
+      except tf.errors.InvalidArgumentError as e:  # what a failed image decode raises
+        error = _corrupt_error(subset, cfg, rows_of(step))
+        if error is None:
+          raise
+        raise error from e
       yield batch
   finally:
     del it

@@ -28,8 +28,18 @@ def prepare(name, data_dir=None, manual_dir=None, force=False):
     import shutil
     shutil.rmtree(builder.data_dir)
     builder = registry.make_builder(name, data_dir, manual_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir))
+  except (common.CorruptImageError, FileNotFoundError, ValueError):
+    raise  # already say what is wrong and how to fix it
+  except Exception as e:
+    if registry.get_spec(name).builder is not None:
+      raise
+    raise RuntimeError(
+        f'tfds could not prepare {builder.name!r} ({type(e).__name__}: {e}). tfds downloads its '
+        f'files itself: check network access, or see the tfds catalogue page of {builder.name!r} '
+        f'for manual downloads (downloads are kept in {builder.data_dir_root}/downloads).') from e
   registry.clear_cache()
   return builder
 

@@ -1,14 +1,6 @@
 """Helpers shared by our tfds builders: TF without GPUs, image validation with readable errors."""
-import importlib.resources
 import io
 import os
-import sys
-
-# tensorflow-datasets 4.9.10 looks up `importlib_resources.abc.Traversable` whenever it prepares a
-# data set (DatasetBuilder.code_path), but declares the `importlib_resources` backport only for
-# Python < 3.9. The standard library's importlib.resources (3.11+) provides the same class.
-if sys.version_info >= (3, 11):
-  sys.modules.setdefault('importlib_resources', importlib.resources)
 
 # Formats stored as they are; anything else (or an unusual colour mode) is re-encoded as PNG so that
 # tf.io.decode_image can read every stored image.

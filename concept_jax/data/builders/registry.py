@@ -169,6 +169,9 @@ def _read_tfds(name, data_dir, manual_dir, split):
                   tuple(features[spec.label_key].names), name, split)
 
 
+_SYN_KEYS = ('num_classes', 'train_per_class', 'test_per_class', 'image_size', 'noise', 'seed')
+
+
 @functools.lru_cache(maxsize=8)
 def _cached_examples(name, data_dir, manual_dir, split, synthetic_options):
   if get_spec(name).builder == 'synthetic':
@@ -177,9 +180,6 @@ def _cached_examples(name, data_dir, manual_dir, split, synthetic_options):
     class_names = tuple(f'class_{c:03d}' for c in range(synthetic_options[0]))
     return Examples(labels, names, None, class_names, name, split)
   return _read_tfds(name, data_dir, manual_dir, split)
-
-
-_SYN_KEYS = ('num_classes', 'train_per_class', 'test_per_class', 'image_size', 'noise', 'seed')
 
 
 def load_examples(data_config, split):

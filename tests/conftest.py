@@ -1,0 +1,41 @@
+"""Shared test fixtures: tiny configs that run the real trainer in seconds on a CPU."""
+import os
+
+# Tests run on the CPU even where a GPU is visible, and need no TPU probing.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+from configs import common  # noqa: E402
+
+
+def tiny_config(method: str = 'erm', **changes):
+  """A complete config for a few-second run: synthetic 10-class data, the test-only ResNet."""
+  c = common.base_config()
+  c.method = common.method_config(method)
+  c = common.tiny(c)
+  c.data.synthetic.update(num_classes=10, train_per_class=6, test_per_class=3, image_size=48)
+  c.data.val_fraction = 0.2
+  c.image_size = 32
+  c.model.update(depth=0, width=8)
+  c.batch_size = 4
+  c.epochs, c.iters_per_epoch, c.checkpoint_every = 2, 2, 2
+  c.eval_batch_size = 8
+  if method == 'concept_tuning':
+    c.method.update(confusing=4, queue_size=3, patch_size=16)
+  c.update(changes)
+  return c
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config
+
+
+def pytest_configure(config):
+  # Many tests compile the same step (each train.run builds its own jitted closure); the persistent
+  # cache turns the repeats into cache hits, which keeps the suite within minutes on 2 cores.
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.path.join(str(config.rootpath), '.jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -1,0 +1,75 @@
+"""The benchmark end to end: the CPU preset's ERM and Concept-Tuning rows, and a tiny pipeline run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from concept_jax import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs the benchmark with TensorFlow and tensorflow-datasets unimportable, as on the GPU machine.
+_WITHOUT_TF = """
+import importlib.abc, runpy, sys
+class _NoTF(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError(f'{name} imported on the train-step path of concept_jax.bench')
+sys.meta_path.insert(0, _NoTF())
+sys.argv = ['concept_jax.bench'] + sys.argv[1:]
+runpy.run_module('concept_jax.bench', run_name='__main__')
+"""
+
+
+def _positive_finite(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_cpu_preset_train_rows(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+             # Compile speed over code speed: the figures only need to exist here.
+             XLA_FLAGS='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+  result = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_TF, '--preset=cpu', '--steps=2', '--warmup=0', f'--out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert 'concept_tuning' in result.stdout and 'erm' in result.stdout   # the printed table
+
+  report = json.loads(out.read_text())
+  assert report['environment']['platform'] == 'cpu' and report['environment']['jax']
+  assert report['settings']['depth'] == 18 and report['settings']['steps'] == 2
+  rows = report['rows']
+  assert [(r['method'], r['batch'], r['views']) for r in rows] == [('concept_tuning', 8, 4), ('erm', 8, 1)]
+  for row in rows:
+    for key in ('init_s', 'lower_s', 'compile_s', 'first_step_s', 'step_median_s', 'step_p90_s',
+                'images_per_s', 'steps_per_s'):
+      assert _positive_finite(row[key]), (row['method'], key, row[key])
+    assert len(row['step_times_s']) == 2 and row['step_p90_s'] >= row['step_median_s']
+    assert row['images_per_s'] == pytest.approx(row['batch'] / row['step_median_s'])
+    if row['memory_source'] == 'n/a':
+      assert row['peak_memory_bytes'] is None
+    else:
+      assert _positive_finite(row['peak_memory_bytes'])
+    assert all(math.isfinite(v) for v in row['last_step_metrics'].values()), row['last_step_metrics']
+  assert {'concept_contrast', 'image_contrast', 'kl'} <= set(rows[0]['last_step_metrics'])
+
+
+def test_pipeline_throughput(tmp_path):
+  out = tmp_path / 'pipeline.json'
+  report = bench.main(['--pipeline', '--batch=4', '--image_size=32', '--classes=10',
+                       '--pipeline_batches=2', '--pipeline_warmup=0', f'--out={out}'])
+  assert json.loads(out.read_text()) == report
+  (row,) = report['rows']
+  assert row['batch_shape'] == [4, 4, 32, 32, 3]
+  assert _positive_finite(row['samples_per_s']) and _positive_finite(row['first_batch_s'])
+  assert row['images_per_s'] == pytest.approx(4 * row['samples_per_s'])
+
+
+def test_rows_are_parsed_and_bad_ones_explained():
+  assert bench.parse_rows('concept_tuning, erm:128', 48) == [('concept_tuning', 48), ('erm', 128)]
+  with pytest.raises(ValueError, match="erm:128"):
+    bench.parse_rows('erm:big', 48)

@@ -1,0 +1,102 @@
+"""`python -m concept_jax.main` as a user runs it: a real run on JPEGs, SIGTERM, and its error messages."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ERM = ['--config', 'configs/cub200.py:tiny,method=erm', '--config.model.depth=0',
+            '--config.image_size=32', '--config.batch_size=4', '--config.eval_batch_size=8',
+            '--config.data.synthetic.num_classes=10', '--config.data.synthetic.test_per_class=2']
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return env
+
+
+def _main(*args, **kwargs):
+  return subprocess.run([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _jpeg_folder(root, classes=5, train=3, test=2):
+  rng = np.random.default_rng(0)
+  for split, n in (('train', train), ('test', test)):
+    for c in range(classes):
+      os.makedirs(root / split / f'class_{c}')
+      for i in range(n):
+        pixels = rng.integers(0, 255, (40 + i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / f'class_{c}' / f'{i}.jpg')
+
+
+def test_two_steps_on_a_folder_of_jpegs(tmp_path):
+  _jpeg_folder(tmp_path / 'images')
+  data_dir = tmp_path / 'tfds'
+  prepare = subprocess.run(
+      [sys.executable, '-m', 'concept_jax.data.prepare', '--data=image_folder', f'--data_dir={data_dir}',
+       f'--manual_dir={tmp_path / "images"}'], cwd=ROOT, env=_env(), capture_output=True, text=True)
+  assert prepare.returncode == 0, prepare.stderr
+  run = _main(*TINY_ERM, '--config.data.name=image_folder', f'--config.data.data_dir={data_dir}',
+              f'--config.data.manual_dir={tmp_path / "images"}', '--config.epochs=1',
+              '--config.iters_per_epoch=2', '--workdir', str(tmp_path / 'run'))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert '5 classes, 15 train' in run.stdout
+  assert os.path.exists(tmp_path / 'run' / 'results.json')
+  assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2')
+
+
+def test_sigterm_saves_and_the_rerun_resumes(tmp_path):
+  args = [*TINY_ERM, '--config.epochs=1', '--config.iters_per_epoch=200', '--config.checkpoint_every=1000',
+          '--config.log_every=1', '--workdir', str(tmp_path)]
+  proc = subprocess.Popen([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith('step 3/'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'SIGTERM: saved step' in out
+  saved = int(out.split('SIGTERM: saved step ')[1].split()[0])
+  assert 3 <= saved < 200
+  assert os.path.isdir(tmp_path / 'checkpoints' / str(saved))
+  rerun = _main(*args)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'at step {saved}' in rerun.stdout
+  assert os.path.exists(tmp_path / 'results.json')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config', 'configs/cub200.py:bogus=1'], "Unknown config argument 'bogus'; valid arguments"),
+    (['--config', 'configs/cub200.py', '--config.optim.bogus=1'], "'bogus' is not a config field here"),
+    (['--config=configs/cub200.py', '--config.bogus=1'], "valid fields: ['batch_size'"),
+])
+def test_unknown_config_keys_are_named(tmp_path, args, message):
+  run = _main(*args, '--workdir', str(tmp_path))
+  assert run.returncode != 0
+  assert message in run.stderr
+  assert 'Traceback' not in run.stderr
+
+
+def test_missing_data_set_says_how_to_prepare_it(tmp_path):
+  run = _main('--config', 'configs/cub200.py', f'--config.data.data_dir={tmp_path}', '--workdir',
+              str(tmp_path / 'run'))
+  assert run.returncode != 0
+  assert 'python -m concept_jax.data.prepare --data=cub200' in run.stderr
+  assert 'Traceback' not in run.stderr
+
+
+def test_wrong_weight_file_is_explained(tmp_path):
+  bad = tmp_path / 'resnet50.safetensors'
+  bad.write_bytes(b'not a safetensors file')
+  run = _main(*TINY_ERM, f'--config.pretrained.path={bad}', '--workdir', str(tmp_path / 'run'))
+  assert run.returncode != 0
+  assert 'not a readable .safetensors file' in run.stderr
+  assert 'Traceback' not in run.stderr
