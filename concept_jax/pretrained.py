@@ -73,9 +73,12 @@ def expected_sha256_prefix(path: str) -> str | None:
   return None
 
 
-def verify_sha256(path: str) -> None:
-  """Raises ValueError when a torchvision-named file's SHA-256 does not start with its name's hex part."""
-  prefix = expected_sha256_prefix(path)
+def verify_sha256(path: str, name: str | None = None) -> None:
+  """Raises ValueError when a torchvision-named file's SHA-256 does not start with its name's hex part.
+
+  name: the file name that promises the prefix, when `path` is not (yet) named so (a download).
+  """
+  prefix = expected_sha256_prefix(name or path)
   if prefix is None:
     return
   digest = hashlib.sha256()
