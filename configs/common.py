@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.data = default_data_config()
   c.image_size = 224
-  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512)
+  # source_classes > 0 keeps the pre-trained classifier ('source_head', torchvision's 1000-way fc).
+  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0)
   # Weights only; '' trains from scratch. reinit: parameters deliberately not loaded.
   c.pretrained = dict(path='', reinit=(r'^head/', r'^front_door/'))
   c.resume = ''  # another run's workdir to continue from (whole state)

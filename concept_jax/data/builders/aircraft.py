@@ -46,17 +46,9 @@ class FgvcAircraft(tfds.core.GeneratorBasedBuilder):
       'the manual dir.')
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='FGVC-Aircraft 2013b, 100 aircraft variants.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(),
-            'label': tfds.features.ClassLabel(),  # names come from variants.txt
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/',
-    )
+    # Class names come from variants.txt at prepare time.
+    return common.classification_info(self, 'FGVC-Aircraft 2013b, 100 aircraft variants.',
+                                      homepage='https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/')
 
   def _find_root(self, dl_manager):
     try:

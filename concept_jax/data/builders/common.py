@@ -73,3 +73,23 @@ def list_images(folder):
   """Sorted image files (by extension) directly inside `folder`."""
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+
+
+def classification_info(builder, description: str, *, image_shape=None, class_names=None,
+                        homepage=None):
+  """The tfds DatasetInfo every builder of ours shares: image, label and the source file name.
+
+  class_names None: set later (from the folder or the archive) at prepare time.
+  """
+  import tensorflow_datasets as tfds
+  return tfds.core.DatasetInfo(
+      builder=builder,
+      description=description,
+      features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=image_shape),
+          'label': tfds.features.ClassLabel(names=class_names),
+          'file_name': tfds.features.Text(),  # where the example came from, for error messages
+      }),
+      supervised_keys=('image', 'label'),
+      homepage=homepage,
+  )

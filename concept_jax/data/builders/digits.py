@@ -8,6 +8,8 @@ round(30%) of the class to 'test' and the rest to 'train' (1,258 train / 539 tes
 import numpy as np
 import tensorflow_datasets as tfds
 
+from concept_jax.data.builders import common
+
 IMAGE_SIZE = 32
 TEST_FRACTION = 0.3
 
@@ -36,17 +38,10 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='scikit-learn 8x8 digits, upscaled to 32x32 RGB.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
-            'label': tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
-            'file_name': tfds.features.Text(),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html',
-    )
+    return common.classification_info(
+        self, 'scikit-learn 8x8 digits, upscaled to 32x32 RGB.',
+        image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), class_names=[str(d) for d in range(10)],
+        homepage='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html')
 
   def _split_generators(self, dl_manager):
     del dl_manager  # offline

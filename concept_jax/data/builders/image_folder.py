@@ -62,16 +62,8 @@ class UserImageFolder(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='Images from a user folder, one sub-folder per class.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(),
-            'label': tfds.features.ClassLabel(),  # names set from the folder at prepare time
-            'file_name': tfds.features.Text(),  # '<split>/<class>/<file>', relative to the root
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    # Class names are set from the folder at prepare time; file names are '<split>/<class>/<file>'.
+    return common.classification_info(self, 'Images from a user folder, one sub-folder per class.')
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
