@@ -68,10 +68,18 @@ def _step_directory(path: str) -> str:
 
 
 def load_state(path: str) -> dict:
-  """The whole saved state {'step', 'params', 'batch_stats', 'opt', 'method'} as host numpy arrays."""
+  """The whole saved state {'step', 'params', 'batch_stats', 'opt', 'method'} as host numpy arrays.
+
+  Reads a checkpoint written on any devices and processes (8 GPUs, a TPU pod) from any other.
+  """
   state_dir = os.path.join(_step_directory(path), 'state')
   with ocp.StandardCheckpointer() as checkpointer:
-    return jax.device_get(checkpointer.restore(state_dir))
+    # The saved shardings name the writer's devices; restore every array whole onto this process's
+    # first device instead, which exists whatever the topology.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(state_dir).item_metadata.tree)
+    return jax.device_get(checkpointer.restore(state_dir, target))
 
 
 def load_variables(path: str) -> dict:

@@ -20,6 +20,13 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   mode 'off': never. 'on': always; arguments left empty are detected by JAX (TPU pods, SLURM, ...).
   'auto' (default): when a coordinator address is given, by flag or JAX_COORDINATOR_ADDRESS.
   Must run before anything touches a device.
+
+  When all three are given (flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID),
+  JAX's cluster detection is switched off: under SLURM it would otherwise restrict every process to
+  the single GPU numbered SLURM_LOCALID, which is wrong for one process per node and for tasks whose
+  GPUs srun already bound. A process then uses every device it sees; CUDA_VISIBLE_DEVICES (or
+  JAX_LOCAL_DEVICE_IDS) chooses them. CPU processes exchange data through gloo, JAX's default
+  cross-process CPU collectives (jax_cpu_collectives_implementation), so nothing is needed for them.
   """
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
   if mode == 'off' or (mode == 'auto' and not coordinator_address):
@@ -33,6 +40,8 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   process_id = process_id if process_id >= 0 else int(os.environ.get('JAX_PROCESS_ID', -1))
   if process_id >= 0:
     kwargs['process_id'] = process_id
+  if len(kwargs) == 3:  # all given: nothing to detect (see the docstring)
+    kwargs['cluster_detection_method'] = 'deactivate'
   jax.distributed.initialize(**kwargs)
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from concept_jax import checkpoint, distributed, metrics, methods, optim, pretrained
 from concept_jax.data import pipeline
@@ -27,18 +28,33 @@ def log(message: str) -> None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step, so the run saves and exits cleanly."""
+  """SIGTERM -> the loop saves and exits cleanly, at the same step on every process.
+
+  One process: a handler sets a flag the loop reads after each step. Several processes: each may get
+  the signal at a different step (or alone), and a process that leaves the loop while the others run
+  the next step's collectives hangs them all; jax.distributed's preemption service (it owns SIGTERM
+  there) agrees on a step every process reaches, with no device synchronisation.
+  """
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._multi_process = jax.process_count() > 1
+    self._requested = False
+    if not self._multi_process:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def requested(self, step: int) -> bool:
+    """Call once after every step, with the same steps on every process."""
+    if self._multi_process and not self._requested:
+      self._requested = multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    if not self._multi_process:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 # ---------------------------------------------------------------- initialisation
@@ -137,7 +153,8 @@ def run(config, workdir: str) -> dict:
   mesh = distributed.make_mesh()
   info = pipeline.dataset_info(config.data)
   method = methods.get(config.method.name)(config, info.num_classes)
-  local_batch = distributed.check_batch_size(config.batch_size, mesh)
+  distributed.check_batch_size(config.batch_size, mesh)
+  distributed.check_batch_size(config.eval_batch_size, mesh)
   iters = config.iters_per_epoch
   total_steps = config.epochs * iters
   init_rng, train_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
@@ -174,7 +191,6 @@ def run(config, workdir: str) -> dict:
   batches = pipeline.train_batches(
       config.data, method.views, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
-  del local_batch
 
   def save(step):
     ckpt.save(step, state, {'step': step, 'history': history, 'config': config.to_dict()})
@@ -182,11 +198,12 @@ def run(config, workdir: str) -> dict:
   preemption = _Preemption()
   bar = metrics.progress(total_steps, start)
   pending, pending_steps, t_last = [], [], time.perf_counter()
-  step = start
+  step, stop = start, False
   try:
-    while step < total_steps and not preemption.requested:
+    while step < total_steps and not stop:
       state, values = train_step(state, distributed.global_batch(next(batches), mesh))
       step += 1
+      stop = preemption.requested(step)
       pending.append(values)
       pending_steps.append(step)
       bar.update(1)
@@ -212,14 +229,14 @@ def run(config, workdir: str) -> dict:
         log(f'epoch {record["epoch"]}: ' + ', '.join(f'{k} {v:.2f}' for k, v in record.items()
                                                       if k != 'epoch'))
         t_last = time.perf_counter()
-      if step % config.checkpoint_every == 0 or step == total_steps or preemption.requested:
+      if step % config.checkpoint_every == 0 or step == total_steps or stop:
         save(step)
   finally:
     bar.close()
     preemption.restore()
     ckpt.close()
 
-  if preemption.requested and step < total_steps:
+  if stop and step < total_steps:
     log(f'SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.')
     return {'preempted_at': step}
   summary = summarize(history)
