@@ -59,22 +59,23 @@ class _Preemption:
 
 # ---------------------------------------------------------------- initialisation
 
-def initial_variables(method, config, rng) -> dict:
+def initial_variables(method, config, rng, *, load_pretrained: bool = True) -> dict:
   """{'params', 'batch_stats'} from pretrained weights (strict merge) or from scratch, on the host."""
   size = config.image_size
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
   variables = jax.jit(lambda r: method.model.init({'params': r, 'sample': r}, dummy, train=False))(rng)
   variables = jax.device_get(dict(variables))
-  if config.pretrained.path:
+  if load_pretrained and config.pretrained.path:
     loaded = pretrained.load(config.pretrained.path)
     variables = pretrained.merge(variables, loaded, reinit=tuple(config.pretrained.reinit))
     log(f'Loaded pretrained weights from {config.pretrained.path}')
   return variables
 
 
-def initial_state(method, config, tx, rng, mesh) -> dict:
+def initial_state(method, config, tx, rng, mesh, *, load_pretrained: bool = True) -> dict:
+  """The step-0 state, replicated over the mesh (also the target a resumed checkpoint is read into)."""
   model_rng, method_rng = jax.random.split(rng)
-  variables = initial_variables(method, config, model_rng)
+  variables = initial_variables(method, config, model_rng, load_pretrained=load_pretrained)
   state = {
       'step': np.int32(0),
       'params': variables['params'],
@@ -171,11 +172,11 @@ def run(config, workdir: str) -> dict:
 
   # Init or resume.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  state = initial_state(method, config, tx, init_rng, mesh)
-  history = []
   source = ckpt if ckpt.latest_step() is not None else None
   if source is None and config.resume:
     source = checkpoint.Checkpointer(config.resume, max_to_keep=None)
+  state = initial_state(method, config, tx, init_rng, mesh, load_pretrained=source is None)
+  history = []
   if source is not None:
     step = source.latest_step()
     if step is None:
@@ -183,6 +184,8 @@ def run(config, workdir: str) -> dict:
     state, meta = source.restore(step, state)
     history = meta['history']
     log(f'Resumed from {source.directory} at step {step}')
+    if source is not ckpt:
+      source.close()
   start = int(state['step'])
 
   train_step = make_train_step(method, tx, lr_fn, train_rng, mesh)
@@ -242,6 +245,9 @@ def run(config, workdir: str) -> dict:
   summary = summarize(history)
   summary.update(method=config.method.name, data=config.data.name, steps=step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    # Written whole or not at all: experiment.py treats an existing results.json as a finished run.
+    path = os.path.join(workdir, 'results.json')
+    with open(path + '.tmp', 'w') as f:
       json.dump(summary, f, indent=2)
+    os.replace(path + '.tmp', path)
   return summary

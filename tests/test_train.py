@@ -29,6 +29,19 @@ def test_resume_is_bitwise_identical(tmp_path, method):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_config_resume_continues_another_runs_checkpoint(tmp_path):
+  """Precedence: the workdir's own checkpoints first, then config.resume, then pretrained weights."""
+  half = tiny_config('erm')
+  half.epochs = 1
+  train.run(half, str(tmp_path / 'first'))
+  continued = tiny_config('erm', resume=str(tmp_path / 'first'))
+  continued.pretrained.path = str(tmp_path / 'does-not-exist')   # never read: resume wins
+  assert train.run(continued, str(tmp_path / 'second'))['steps'] == 4
+  assert checkpoint.Checkpointer(str(tmp_path / 'first')).latest_step() == 2
+  # Rerunning now resumes from 'second' itself (step 4, nothing left), not from config.resume.
+  assert train.run(continued, str(tmp_path / 'second'))['steps'] == 4
+
+
 def test_results_and_metrics_are_written(tmp_path):
   summary = train.run(tiny_config('erm'), str(tmp_path))
   with open(tmp_path / 'results.json') as f:
