@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _l2_normalise(x: jax.Array) -> jax.Array:
+def l2_normalise(x: jax.Array) -> jax.Array:
+  """x / ||x|| along the last axis (F.normalize's eps 1e-12): how keys and queue entries are stored."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -27,8 +28,8 @@ def init_queues(key: jax.Array, num_classes: int, K: int, dim: int,
   """
   kz, kh = jax.random.split(key)
   return {
-      'z': _l2_normalise(jax.random.normal(kz, (num_classes, K, dim), jnp.float32)),
-      'h': _l2_normalise(jax.random.normal(kh, (num_classes, K, num_patches, dim), jnp.float32)),
+      'z': l2_normalise(jax.random.normal(kz, (num_classes, K, dim), jnp.float32)),
+      'h': l2_normalise(jax.random.normal(kh, (num_classes, K, num_patches, dim), jnp.float32)),
       'ptr': jnp.zeros((num_classes,), jnp.int32),
   }
 

@@ -15,12 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from concept_jax.concepts import crop, losses, momentum, queues, search
+from concept_jax.concepts.queues import l2_normalise
 from concept_jax.data.views import ViewSpec
 from concept_jax.methods.base import Method, accuracy, cross_entropy
-
-
-def l2_normalise(x):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class ConceptTuning(Method):
