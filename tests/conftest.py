@@ -14,6 +14,18 @@ import pytest  # noqa: E402
 from configs import common  # noqa: E402
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+  """Environment for a child `python` running project code: CPU, unbuffered, the shared compile cache."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONPATH=ROOT,
+             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(extra)
+  return env
+
+
 def tiny_config(method: str = 'erm', **changes):
   """A complete config for a few-second run: synthetic 10-class data, the test-only ResNet."""
   c = common.base_config()
@@ -41,6 +53,6 @@ def pytest_configure(config):
   # Many tests compile the same step (each train.run builds its own jitted closure); the persistent
   # cache turns the repeats into cache hits, which keeps the suite within minutes on 2 cores.
   import jax
-  jax.config.update('jax_compilation_cache_dir', os.path.join(str(config.rootpath), '.jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', os.path.join(ROOT, '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -4,7 +4,7 @@ import os
 
 from concept_jax import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
 
 
 def _demo_config(arg):

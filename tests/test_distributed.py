@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from concept_jax import checkpoint
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, subprocess_env, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per layout; compiles are cached in ROOT/.jax_cache, a cached layout takes ~20 s
 
 
@@ -50,11 +49,8 @@ def train_all(workdir: str) -> None:
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONPATH=ROOT,
-             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env = subprocess_env(**extra)
   env.pop('XLA_FLAGS', None)  # a --xla_force_host_platform_device_count here would fight ours
-  env.update(extra)
   return env
 
 

@@ -8,21 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, subprocess_env
+
 TINY_ERM = ['--config', 'configs/cub200.py:tiny,method=erm', '--config.model.depth=0',
             '--config.image_size=32', '--config.batch_size=4', '--config.eval_batch_size=8',
             '--config.data.synthetic.num_classes=10', '--config.data.synthetic.test_per_class=2']
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return env
-
-
 def _main(*args, **kwargs):
-  return subprocess.run([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=_env(),
+  return subprocess.run([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=subprocess_env(),
                         capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -41,7 +35,7 @@ def test_two_steps_on_a_folder_of_jpegs(tmp_path):
   data_dir = tmp_path / 'tfds'
   prepare = subprocess.run(
       [sys.executable, '-m', 'concept_jax.data.prepare', '--data=image_folder', f'--data_dir={data_dir}',
-       f'--manual_dir={tmp_path / "images"}'], cwd=ROOT, env=_env(), capture_output=True, text=True)
+       f'--manual_dir={tmp_path / "images"}'], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
   assert prepare.returncode == 0, prepare.stderr
   run = _main(*TINY_ERM, '--config.data.name=image_folder', f'--config.data.data_dir={data_dir}',
               f'--config.data.manual_dir={tmp_path / "images"}', '--config.epochs=1',
@@ -55,7 +49,7 @@ def test_two_steps_on_a_folder_of_jpegs(tmp_path):
 def test_sigterm_saves_and_the_rerun_resumes(tmp_path):
   args = [*TINY_ERM, '--config.epochs=1', '--config.iters_per_epoch=200', '--config.checkpoint_every=1000',
           '--config.log_every=1', '--workdir', str(tmp_path)]
-  proc = subprocess.Popen([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=_env(),
+  proc = subprocess.Popen([sys.executable, '-m', 'concept_jax.main', *args], cwd=ROOT, env=subprocess_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:
     if line.startswith('step 3/'):

@@ -25,7 +25,7 @@ class Method:
     m = config.model
     self.model = Classifier(num_classes=num_classes, depth=m.depth, width=m.width,
                             dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
-                            source_classes=m.get('source_classes', 0), **self.model_options)
+                            source_classes=m.source_classes, **self.model_options)
 
   @property
   def views(self) -> tuple[ViewSpec, ...]:
