@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU speed rows (../shared/docs/reference.md): ERM at batch 128 and 48 and Concept-Tuning at the CUB
-# recipe's shapes (ResNet-50, 224 px, 200 classes, K 40, confusing 199, bfloat16), on synthetic data.
+# GPU speed rows (../shared/docs/reference.md): ERM at batch 128 and 48, Concept-Tuning and its concept
+# loss alone at the CUB recipe's shapes (ResNet-50, 224 px, 200 classes, K 40, confusing 199, bfloat16),
+# on synthetic data.
 #
 #   bash launch/gpu_bench.sh                 # from the repository root; results in $OUT or ./bench_out
 #
@@ -11,7 +12,7 @@
 # Each row runs in its own process, so each peak-memory figure is that row's alone, and a row that
 # fails or runs past $ROW_TIMEOUT seconds leaves the others' results intact.
 # Environment: OUT (results folder), STEPS (timed steps, 20), WARMUP (3), ROW_TIMEOUT (300),
-# ROWS (default 'erm:128 erm:48 concept_tuning:48'), BENCH_ARGS (extra flags, e.g. --preset=cpu).
+# ROWS (default 'erm:128 erm:48 concept_tuning:48 concept_loss:48'), BENCH_ARGS (extra flags, e.g. --preset=cpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ SITE="${SITE:-/tmp/site}"
 STEPS="${STEPS:-20}"
 WARMUP="${WARMUP:-3}"
 ROW_TIMEOUT="${ROW_TIMEOUT:-300}"
-ROWS="${ROWS:-erm:128 erm:48 concept_tuning:48}"
+ROWS="${ROWS:-erm:128 erm:48 concept_tuning:48 concept_loss:48}"
 mkdir -p "$OUT_DIR"
 
 shopt -s nullglob

@@ -43,7 +43,9 @@ def test_cpu_preset_train_rows(tmp_path):
   assert report['environment']['platform'] == 'cpu' and report['environment']['jax']
   assert report['settings']['depth'] == 18 and report['settings']['steps'] == 2
   rows = report['rows']
-  assert [(r['method'], r['batch'], r['views']) for r in rows] == [('concept_tuning', 8, 4), ('erm', 8, 1)]
+  assert [(r['kind'], r['method'], r['batch'], r.get('views')) for r in rows] == [
+      ('train_step', 'concept_tuning', 8, 4), ('train_step', 'erm', 8, 1),
+      ('concept_loss', 'concept_loss', 8, None)]
   for row in rows:
     for key in ('init_s', 'lower_s', 'compile_s', 'first_step_s', 'step_median_s', 'step_p90_s',
                 'images_per_s', 'steps_per_s'):
@@ -56,17 +58,44 @@ def test_cpu_preset_train_rows(tmp_path):
       assert _positive_finite(row['peak_memory_bytes'])
     assert all(math.isfinite(v) for v in row['last_step_metrics'].values()), row['last_step_metrics']
   assert {'concept_contrast', 'image_contrast', 'kl'} <= set(rows[0]['last_step_metrics'])
+  # The CPU preset: K 4, confusing 5 -> 8 x (1 + 4 + 5 x 4) problems; Sinkhorn stops within its cap.
+  assert rows[2]['sinkhorn_problems'] == 200
+  for row in (rows[0], rows[2]):
+    assert 1 <= row['last_step_metrics']['sinkhorn_iters'] <= 200
+  assert 'Sinkhorn ran' in result.stdout
 
 
-def test_pipeline_throughput(tmp_path):
+@pytest.mark.parametrize('source', ['synthetic', 'jpeg', 'digits'])
+def test_pipeline_throughput(tmp_path, source):
   out = tmp_path / 'pipeline.json'
-  report = bench.main(['--pipeline', '--batch=4', '--image_size=32', '--classes=10',
-                       '--pipeline_batches=2', '--pipeline_warmup=0', f'--out={out}'])
+  args = ['--pipeline', '--batch=4', '--image_size=32', '--classes=10', '--pipeline_batches=2',
+          '--pipeline_warmup=0', f'--out={out}', f'--pipeline_data={source}']
+  if source == 'jpeg':
+    args.append('--pipeline_jpeg_images=6')
+  if source == 'digits':  # a prepared data set, read by name like cub200 would be
+    from concept_jax.data import prepare
+    prepare.prepare('digits', str(tmp_path / 'tfds'))
+    args.append(f'--pipeline_data_dir={tmp_path / "tfds"}')
+  report = bench.main(args)
   assert json.loads(out.read_text()) == report
   (row,) = report['rows']
   assert row['batch_shape'] == [4, 4, 32, 32, 3]
   assert _positive_finite(row['samples_per_s']) and _positive_finite(row['first_batch_s'])
   assert row['images_per_s'] == pytest.approx(4 * row['samples_per_s'])
+  assert report['settings']['pipeline_data'] == source
+  expected = {'synthetic': 'synthetic, generated 64 px', 'jpeg': '6 generated JPEG files',
+              'digits': 'digits ('}[source]
+  assert expected in row['source']
+
+
+def test_jpeg_folder_is_shaped_like_cub(tmp_path):
+  import tensorflow as tf
+  bench.write_jpeg_folder(str(tmp_path), num_images=4, num_classes=3, seed=0)
+  train = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / 'train').rglob('*.jpg'))
+  assert train == ['train/c000/0.jpg', 'train/c000/3.jpg', 'train/c001/1.jpg', 'train/c002/2.jpg']
+  assert len(list((tmp_path / 'test').rglob('*.jpg'))) == 3
+  shapes = {tuple(tf.io.decode_jpeg(tf.io.read_file(str(tmp_path / p))).shape) for p in train}
+  assert shapes == {(500, 375, 3), (375, 500, 3)}
 
 
 def test_rows_are_parsed_and_bad_ones_explained():

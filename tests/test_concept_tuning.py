@@ -97,6 +97,8 @@ def test_short_run_learns_with_every_term_finite(tmp_path):
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
   terms = ('loss', 'ce', 'image_contrast', 'concept_contrast', 'ib_ce', 'kl')
   assert all(math.isfinite(r[t]) for r in records for t in terms)
+  # The logged Sinkhorn trip count (a mean over the logging window) lies within the loop's cap.
+  assert all(1 <= r['sinkhorn_iters'] <= config.method.sinkhorn_iters for r in records)
   first = np.mean([r['loss'] for r in records[:4]])
   last = np.mean([r['loss'] for r in records[-4:]])
   assert last < first, (first, last)

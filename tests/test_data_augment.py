@@ -101,6 +101,33 @@ def test_eval_view_resizes_shorter_side_and_centre_crops():
   assert tall.shape == (224, 224, 3) and tall.dtype == tf.uint8
 
 
+def _pil_bilinear(image, width, height):
+  from PIL import Image
+  return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR)).astype(int)
+
+
+@pytest.mark.parametrize('hw, size', [((90, 120), 48), ((150, 200), 37), ((20, 30), 48)])
+def test_train_view_resize_matches_pil_bilinear(hw, size):
+  # torchvision resizes PIL crops with PIL's antialiased bilinear filter; PIL works in 8-bit fixed
+  # point, so one level of rounding difference is expected, no more. A full-image crop isolates the
+  # resize (down by up to 4x, and up).
+  image = np.random.default_rng(0).integers(0, 256, hw + (3,)).astype(np.uint8)
+  ratio = (hw[1] / hw[0],) * 2
+  spec = augment.ViewSpec(size=size, scale=(1.0, 1.0), ratio=ratio, flip=False)
+  got = augment.train_view(tf.constant(image), spec, augment.view_seed(0, 0, 0)).numpy().astype(int)
+  want = _pil_bilinear(image, size, size)
+  assert np.abs(got - want).max() <= 1
+  assert np.mean(got != want) < 0.2
+
+
+def test_eval_view_matches_pil_resize_and_centre_crop():
+  image = np.random.default_rng(1).integers(0, 256, (300, 400, 3)).astype(np.uint8)
+  got = augment.eval_view(tf.constant(image), 224).numpy().astype(int)
+  resized = _pil_bilinear(image, 341, 256)   # torchvision Resize(256): long side int(256 * 4 / 3)
+  want = resized[16:240, 58:282]             # CenterCrop(224): round(16.0), round(58.5) = 58
+  assert np.abs(got - want).max() <= 1
+
+
 def test_normalize():
   images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3)).astype(np.uint8)
   got = np.asarray(augment.normalize(images))

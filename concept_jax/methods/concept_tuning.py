@@ -88,10 +88,10 @@ class ConceptTuning(Method):
     q = state['queues']
     ce = cross_entropy(out['logits'], labels, self.config.label_smoothing)
     image = losses.image_contrastive_loss(z_q, z_k, q['z'], labels, m.temperature)
-    concept = losses.concept_contrastive_loss(
+    concept, concept_aux = losses.concept_contrastive_loss(
         zq_p, zk_p, q['h'], labels, confusing, r_pos, temperature=m.temperature,
         top_pos=m.top_pos, top_neg=m.top_neg, eps=m.sinkhorn_eps, max_iter=m.sinkhorn_iters,
-        thresh=m.sinkhorn_thresh)
+        thresh=m.sinkhorn_thresh, with_aux=True)
     ib_ce = cross_entropy(out['ib_logits'], labels, self.config.label_smoothing)
     kl = losses.ib_kl(out['mu'], out['std'], scale=m.kl_scale)
     total = ce + m.trade_off * image + m.beta * concept + m.ib_weight * ib_ce + m.infow * kl
@@ -99,5 +99,7 @@ class ConceptTuning(Method):
     new_state = {'key_params': key_params, 'queues': queues.enqueue(q, z_k, zk_p, labels)}
     metrics = {'ce': ce, 'image_contrast': image, 'concept_contrast': concept, 'ib_ce': ib_ce,
                'kl': kl, 'accuracy': accuracy(out['logits'], labels),
-               'ib_accuracy': accuracy(out['ib_logits'], labels)}
+               'ib_accuracy': accuracy(out['ib_logits'], labels),
+               # The Sinkhorn loop's trip count (its slowest group): what the OT part costs.
+               'sinkhorn_iters': concept_aux['sinkhorn_iters_max'].astype(jnp.float32)}
     return total, (metrics, new_batch_stats, new_state)
