@@ -1,6 +1,9 @@
 """Stanford Cars (196 classes), the official Concept-Tuning recipe: 20 epochs, cosine, every parameter at 1x.
 
-Run (data prepared once with `python -m concept_jax.data.prepare --data=stanford_cars --data_dir=DIR`):
+Data, prepared once from the original release files (tfds's download URLs are dead), kept unextracted in
+FOLDER: cars_train.tgz, cars_test.tgz, car_devkit.tgz, cars_test_annos_withlabels.mat:
+  python -m concept_jax.data.prepare --data=stanford_cars --data_dir=DIR --manual_dir=FOLDER
+Run:
   python -m concept_jax.main --config configs/stanford_cars.py:sr=100 --workdir runs/cars_ct_100 \
       --config.data.data_dir=DIR --config.pretrained.path=weights/resnet50-0676ba61.pth
 Arguments: sr (15/30/50/100), method (concept_tuning | erm), seed, tiny (see configs/common.py::recipe).

@@ -144,8 +144,27 @@ def test_unprepared_data_sets_name_the_prepare_command(tmp_path):
     pipeline.dataset_info(_config('aircraft', tmp_path))
   assert '--manual_dir=MANUAL_DIR' in str(err.value)
   assert 'fgvc-aircraft-2013b.tar.gz' in str(err.value)
+  with pytest.raises(registry.DataNotPreparedError) as err:
+    pipeline.dataset_info(_config('stanford_cars', tmp_path))
+  assert '--data=stanford_cars' in str(err.value) and '--manual_dir=MANUAL_DIR' in str(err.value)
+  assert 'cars_train.tgz' in str(err.value) and 'car_devkit.tgz' in str(err.value)
   with pytest.raises(ValueError, match='Unknown data set'):
     pipeline.dataset_info(_config('no_such_data_set', tmp_path))
+
+
+def test_stanford_cars_reads_the_release_files_from_manual_dir(tmp_path, capsys):
+  # tfds's own URLs are dead: the four release files come from --manual_dir, checked against tfds's
+  # recorded checksums. Stand-ins fail that check offline, with an error that says what to put there.
+  manual = tmp_path / 'cars'
+  manual.mkdir()
+  for name in ('cars_train.tgz', 'cars_test.tgz', 'car_devkit.tgz', 'cars_test_annos_withlabels.mat'):
+    (manual / name).write_bytes(b'not the release file')
+  code = prepare.main(['--data=stanford_cars', f'--data_dir={tmp_path / "tfds"}',
+                       f'--manual_dir={manual}'])
+  err = capsys.readouterr().err
+  assert code == 2 and '\nprepare: error: tfds could not prepare' in err and 'Traceback' not in err
+  assert 'NonMatchingChecksumError' in err and str(manual) in err   # tfds read our files
+  assert 'cars_test_annos_withlabels.mat' in err and 'download it again' in err
 
 
 def test_digits_prepare_themselves_offline(tmp_path):

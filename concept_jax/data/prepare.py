@@ -34,12 +34,19 @@ def prepare(name, data_dir=None, manual_dir=None, force=False):
   except (common.CorruptImageError, FileNotFoundError, ValueError):
     raise  # already say what is wrong and how to fix it
   except Exception as e:
-    if registry.get_spec(name).builder is not None:
+    spec = registry.get_spec(name)
+    if spec.builder is not None:
       raise
-    raise RuntimeError(
-        f'tfds could not prepare {builder.name!r} ({type(e).__name__}: {e}). tfds downloads its '
-        f'files itself: check network access, or see the tfds catalogue page of {builder.name!r} '
-        f'for manual downloads (downloads are kept in {builder.data_dir_root}/downloads).') from e
+    if spec.manual:
+      fix = (f'--manual_dir must be {spec.manual}; a file there that fails the checksum is not the '
+             f'original one: download it again. Command: '
+             f'{registry.prepare_command(name, data_dir, manual_dir)}')
+    else:
+      fix = (f'tfds downloads its files itself: check network access, or see the tfds catalogue '
+             f'page of {builder.name!r} for manual downloads (put them in a folder and pass '
+             f'--manual_dir; downloads are kept in {builder.data_dir_root}/downloads).')
+    raise RuntimeError(f'tfds could not prepare {builder.name!r} ({type(e).__name__}: {e}).\n'
+                       f'{fix}') from e
   registry.clear_cache()
   return builder
 
@@ -52,7 +59,11 @@ def main(argv=None):
   parser.add_argument('--manual_dir', default=None, help='manually downloaded files / folder root')
   parser.add_argument('--force', action='store_true', help='prepare again even if prepared')
   args = parser.parse_args(argv)
-  builder = prepare(args.data, args.data_dir, args.manual_dir, args.force)
+  try:
+    builder = prepare(args.data, args.data_dir, args.manual_dir, args.force)
+  except (FileNotFoundError, ValueError, RuntimeError) as e:  # messages that say the fix
+    print(f'prepare: error: {e}', file=sys.stderr)
+    return 2
   if builder is not None:
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     print(f'Prepared {args.data!r} in {builder.data_dir}: {splits}')

@@ -34,7 +34,12 @@ class DatasetSpec:
 
 REGISTRY = {
     'cub200': DatasetSpec('caltech_birds2011', num_classes=200, name_key='image/filename'),
-    'stanford_cars': DatasetSpec('cars196', num_classes=196, name_key='id'),
+    # tfds's cars196 URLs (ai.stanford.edu) no longer serve the files; tfds takes them from
+    # --manual_dir by their original names and checks them against its recorded SHA-256.
+    'stanford_cars': DatasetSpec('cars196', num_classes=196, name_key='id',
+                                 manual='a folder holding the original Stanford Cars release files '
+                                 'cars_train.tgz, cars_test.tgz, car_devkit.tgz and '
+                                 'cars_test_annos_withlabels.mat (kept by name, unextracted)'),
     # Flowers and DTD: train on train+validation (2,040 / 3,760 images), as is usual for transfer.
     'flowers102': DatasetSpec('oxford_flowers102', train_split='train+validation',
                               num_classes=102, name_key='file_name'),
