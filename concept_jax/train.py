@@ -105,8 +105,8 @@ def make_train_step(method, tx, lr_fn, rng, mesh):
         state['params'])
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    values = dict(values, loss=loss, lr=lr_fn(state['step']), grad_norm=optax.global_norm(grads),
-                  param_norm=optax.global_norm(params))
+    values = dict(values, loss=loss, lr=lr_fn(state['step']), grad_norm=optax.tree.norm(grads),
+                  param_norm=optax.tree.norm(params))
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
                  'opt': opt, 'method': method_state}
     return new_state, values
