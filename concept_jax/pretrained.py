@@ -29,23 +29,9 @@ from absl import logging
 import numpy as np
 from flax import traverse_util
 
-# Official torchvision ResNet files -> the SHA-256 prefix in their names (IMAGENET1K_V1 and _V2).
-KNOWN_SHA256_PREFIXES = {
-    'resnet18-f37072fd.pth': 'f37072fd',
-    'resnet34-b627a593.pth': 'b627a593',
-    'resnet50-0676ba61.pth': '0676ba61',
-    'resnet50-11ad3fa6.pth': '11ad3fa6',
-    'resnet101-63fe2227.pth': '63fe2227',
-    'resnet101-cd907fc2.pth': 'cd907fc2',
-    'resnet152-394f9c45.pth': '394f9c45',
-    'resnet152-f82ba261.pth': 'f82ba261',
-}
-# Pre-2021 torchvision names whose hex part is NOT their SHA-256 prefix (torchvision renamed the files
-# for that reason); they are loaded without a check.
-LEGACY_UNVERIFIABLE = frozenset({
-    'resnet18-5c106cde.pth', 'resnet34-333f7ec4.pth', 'resnet50-19c8e357.pth',
-    'resnet101-5d3b4d8f.pth', 'resnet152-b121ed2d.pth'})
-# Any other file named like torchvision's hub files is checked the way torch.hub checks them.
+# torchvision's ResNet files (IMAGENET1K_V1/_V2, and the pre-2021 names such as resnet50-19c8e357.pth)
+# are named <arch>-<first hex digits of their SHA-256>.pth; torch.hub, and torch's model_zoo before it,
+# reject a download whose digest does not start with that part, and so does this module.
 _HUB_NAME = re.compile(r'^resnet(18|34|50|101|152)-([0-9a-f]{8,})\.pth$')
 
 DEFAULT_REINIT = (r'^head/', r'^front_door/')
@@ -64,13 +50,8 @@ _EXPECTED = ('a torchvision-style ResNet state dict with keys like conv1.weight,
 
 def expected_sha256_prefix(path: str) -> str | None:
   """The SHA-256 prefix a file's name promises, or None when the name promises nothing."""
-  name = os.path.basename(path)
-  if name in KNOWN_SHA256_PREFIXES:
-    return KNOWN_SHA256_PREFIXES[name]
-  match = _HUB_NAME.match(name)
-  if match and name not in LEGACY_UNVERIFIABLE:
-    return match.group(2)
-  return None
+  match = _HUB_NAME.match(os.path.basename(path))
+  return match.group(2) if match else None
 
 
 def verify_sha256(path: str, name: str | None = None) -> None:

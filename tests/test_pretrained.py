@@ -320,7 +320,7 @@ def test_sha256_check(tmp_path):
   with pytest.raises(ValueError, match=r'(?s)resnet50-0676ba61\.pth: SHA-256 .* does not start with 0676ba61'):
     pretrained.load(str(path))
   assert pretrained.expected_sha256_prefix('resnet18-f37072fd.pth') == 'f37072fd'
-  assert pretrained.expected_sha256_prefix('resnet50-19c8e357.pth') is None  # legacy name, not a hash
+  assert pretrained.expected_sha256_prefix('resnet50-19c8e357.pth') == '19c8e357'  # pre-2021 name
   assert pretrained.expected_sha256_prefix('my_resnet.pth') is None
 
 
