@@ -1,0 +1,150 @@
+"""Train-step and concept-loss rows: lower, compile and time a jitted function on device-resident data."""
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+
+from concept_jax.bench.settings import make_config
+
+
+def synthetic_batch(batch: int, num_views: int, size: int, num_classes: int, seed: int) -> dict:
+  """Host batch shaped like the pipeline's: {'images': uint8 (B, V, S, S, 3), 'label': int32 (B,)}.
+
+  Uniform noise: the convolutions cost the same whatever the pixels, but Sinkhorn stops early per
+  problem group, so Concept-Tuning's OT time on real images may differ a little.
+  """
+  rng = np.random.default_rng(seed)
+  return {'images': rng.integers(0, 256, (batch, num_views, size, size, 3), dtype=np.uint8),
+          'label': rng.integers(0, num_classes, (batch,), dtype=np.int32)}
+
+
+def memory_figure(device, compiled) -> tuple[float | None, str]:
+  """(bytes or None, where the figure comes from); see the module docstring."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # some backends raise instead of returning None
+    stats = None
+  if stats and 'peak_bytes_in_use' in stats:
+    return float(stats['peak_bytes_in_use']), 'memory_stats peak_bytes_in_use (process so far)'
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    m = None
+  if m is not None:
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+    if total > 0:
+      return float(total), 'compiled memory_analysis (args + outputs - aliased + temps)'
+  return None, 'n/a'
+
+
+def bench_train(method_name: str, batch: int, args) -> dict:
+  """Times one method's train step; returns the row's figures."""
+  from concept_jax import distributed, methods, optim, train
+
+  config = make_config(method_name, batch, args)
+  method = methods.get(method_name)(config, args.classes)
+  mesh = distributed.make_mesh()
+  local = distributed.check_batch_size(batch, mesh)
+  init_rng, train_rng = jax.random.split(jax.random.key(args.seed))
+
+  t = time.perf_counter()
+  abstract = jax.eval_shape(lambda r: method.model.init(
+      {'params': r, 'sample': r}, jax.numpy.zeros((1, args.image_size, args.image_size, 3)),
+      train=False)['params'], init_rng)
+  tx, lr_fn = optim.make_optimizer(config, abstract, config.iters_per_epoch)
+  state = train.initial_state(method, config, tx, init_rng, mesh)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
+
+  host = synthetic_batch(batch, len(method.views), args.image_size, args.classes, args.seed)
+  p, n = jax.process_index(), local
+  data = distributed.global_batch({k: v[p * n:(p + 1) * n] for k, v in host.items()}, mesh)
+  jax.block_until_ready(data)
+  step = train.make_train_step(method, tx, lr_fn, train_rng, mesh)
+
+  carry = [state]  # the step donates its state: each call continues from the last one's
+
+  def run_step(compiled, _, data):
+    carry[0], values = compiled(carry[0], data)
+    return carry[0], values
+
+  row = _time_jitted(step, (state, data), args, run=run_step)
+  memory, memory_source = row.pop('memory')
+  values = {k: float(v) for k, v in jax.device_get(row.pop('outputs')[1]).items()}
+  if not all(math.isfinite(v) for v in values.values()):
+    print(f'WARNING: {method_name} produced non-finite metrics: {values}', file=sys.stderr)
+  return {'kind': 'train_step', 'method': method_name, 'batch': batch, 'views': len(method.views),
+          'image_size': args.image_size, 'dtype': args.dtype, 'init_s': init_s, **row,
+          'images_per_s': batch / row['step_median_s'], 'peak_memory_bytes': memory,
+          'memory_source': memory_source, 'last_step_metrics': values}
+
+
+def bench_concept_loss(batch: int, args) -> dict:
+  """The concept contrastive loss alone (value and gradient), at the row's shapes.
+
+  Inputs are random unit vectors (B, 9, C) and a (C, K, 9, C) queue, so the figure isolates the
+  OT part of the Concept-Tuning step: B x (1 + K + confusing x K) Sinkhorn problems.
+  """
+  import jax.numpy as jnp
+  from concept_jax.concepts import losses, queues
+
+  c, k, n = args.classes, args.queue_size, 9
+  n_conf = min(args.confusing, c - 1)
+  t = time.perf_counter()
+  keys = jax.random.split(jax.random.key(args.seed), 5)
+  unit = lambda key, shape: queues.l2_normalise(jax.random.normal(key, shape))
+  zq, zk, queue_h = unit(keys[0], (batch, n, c)), unit(keys[1], (batch, n, c)), unit(keys[2], (c, k, n, c))
+  labels = jax.random.randint(keys[3], (batch,), 0, c)
+  # The n_conf classes after the label (mod C): distinct and never the label, like the search's.
+  confusing = (labels[:, None] + 1 + jnp.arange(n_conf)[None, :]) % c
+  jax.block_until_ready((zq, zk, queue_h, confusing))
+  init_s = time.perf_counter() - t
+
+  def loss_and_grad(zq):
+    (loss, aux), grad = jax.value_and_grad(
+        lambda z: losses.concept_contrastive_loss(z, zk, queue_h, labels, confusing, keys[4],
+                                                  with_aux=True), has_aux=True)(zq)
+    return loss, grad, aux
+
+  row = _time_jitted(jax.jit(loss_and_grad), (zq,), args)
+  memory, memory_source = row.pop('memory')
+  loss, _, aux = jax.device_get(row.pop('outputs'))
+  return {'kind': 'concept_loss', 'method': 'concept_loss', 'batch': batch, 'init_s': init_s, **row,
+          'images_per_s': batch / row['step_median_s'], 'peak_memory_bytes': memory,
+          'memory_source': memory_source, 'sinkhorn_problems': batch * (1 + k + n_conf * k),
+          'last_step_metrics': {'concept_contrast': float(loss),
+                                'sinkhorn_iters': float(aux['sinkhorn_iters_max'])}}
+
+
+def _time_jitted(fn, inputs, args, run=None) -> dict:
+  """Lowers, compiles and times a jitted fn on inputs.
+
+  run(compiled, *inputs) -> outputs makes one step (default: compiled(*inputs)); a train step
+  threads its own state through it. Returns the timing figures, 'outputs' of the last step and
+  'memory' (bytes or None, source).
+  """
+  run = run or (lambda compiled, *xs: compiled(*xs))
+  t0 = time.perf_counter()
+  lowered = fn.lower(*inputs)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  outputs = jax.block_until_ready(run(compiled, *inputs))
+  first_s = time.perf_counter() - t2
+  for _ in range(args.warmup):
+    outputs = run(compiled, *inputs)
+  jax.block_until_ready(outputs)
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    outputs = jax.block_until_ready(run(compiled, *inputs))
+    times.append(time.perf_counter() - t)
+  median = float(np.median(times))
+  return {'lower_s': t1 - t0, 'compile_s': t2 - t1, 'first_step_s': first_s,
+          'step_median_s': median, 'step_p90_s': float(np.percentile(times, 90)),
+          'step_mean_s': float(np.mean(times)), 'step_min_s': float(np.min(times)),
+          'step_times_s': times, 'steps_per_s': 1.0 / median, 'outputs': outputs,
+          'memory': memory_figure(jax.local_devices()[0], compiled)}
