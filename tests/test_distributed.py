@@ -1,5 +1,6 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), Concept-Tuning's global state (key encoder, queues) included.
+the same state (to float32 rounding), Concept-Tuning's global state (key encoder, queues) included,
+and 2 processes resume from their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -9,6 +10,7 @@ device, a queue written per shard, an input row read twice...
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,17 +128,34 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
   assert _results(four_devices / name) == _results(one_device / name)
 
 
-def test_two_processes_train_like_one(one_device, tmp_path):
-  """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir."""
-  config = tmp_path / 'tiny_erm.py'
+@pytest.mark.parametrize('name', list(configs()))
+def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
+  """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir; then
+  the last checkpoint is removed and the same command resumes from the one before, read back by both
+  processes, and still ends in the one-process state."""
+  config = tmp_path / 'tiny.py'
   config.write_text('from tests.test_distributed import configs\n\n\n'
-                    'def get_config():\n  return configs()["erm"]\n')
-  workdir = tmp_path / 'run'
-  run = _run(['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
-              f'--workdir={workdir}'],
-             _env(CPU_DEVICES='2', PORT=str(_free_port()), PYTHON=sys.executable,
-                  LOG_DIR=str(tmp_path / 'logs')))
-  log = (tmp_path / 'logs' / 'process_0.log').read_text()
-  assert '4 device(s), 2 process(es)' in log, log[-3000:] + run.stderr[-2000:]
-  assert_same_state(workdir, one_device / 'erm')
-  assert _results(workdir) == _results(one_device / 'erm')
+                    f'def get_config():\n  return configs()[{name!r}]\n')
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
+
+  def launch():
+    run = _run(['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
+                f'--workdir={workdir}'],
+               _env(CPU_DEVICES='2', PORT=str(_free_port()), PYTHON=sys.executable, LOG_DIR=str(logs)))
+    log = (logs / 'process_0.log').read_text()
+    assert '4 device(s), 2 process(es)' in log, log[-3000:] + run.stderr[-2000:]
+    return log
+
+  launch()
+  assert_same_state(workdir, one_device / name)
+  assert _results(workdir) == _results(one_device / name)
+
+  checkpoints = workdir / checkpoint.SUBDIR
+  assert sorted(os.listdir(checkpoints)) == ['2', '4']
+  shutil.rmtree(checkpoints / '4')
+  os.remove(workdir / 'results.json')
+  # Process 0 reports for both; had process 1 not restored step 2 too, the states would differ.
+  log = launch()
+  assert f'Resumed from {checkpoints} at step 2' in log, log[-3000:]
+  assert_same_state(workdir, one_device / name)
+  assert _results(workdir) == _results(one_device / name)
