@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -159,3 +160,48 @@ def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
   assert f'Resumed from {checkpoints} at step 2' in log, log[-3000:]
   assert_same_state(workdir, one_device / name)
   assert _results(workdir) == _results(one_device / name)
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(tmp_path):
+  """A preempted host gets SIGTERM alone: jax.distributed's preemption service makes every process
+  save the same step and exit cleanly, and the same command resumes from it."""
+  config = tmp_path / 'long.py'
+  config.write_text('from tests.test_distributed import configs\n\n\n'
+                    'def get_config():\n  c = configs()["erm"]\n'
+                    '  c.epochs, c.iters_per_epoch, c.checkpoint_every, c.log_every = 1, 40, 1000, 1\n'
+                    '  return c\n')
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
+  command = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
+             f'--workdir={workdir}']
+  env = _env(CPU_DEVICES='2', PORT=str(_free_port()), PYTHON=sys.executable, LOG_DIR=str(logs))
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  try:
+    # local.sh names the process ids first; process 0 logs every step.
+    pids = proc.stderr.readline().split('(pids ')[1].split(')')[0].split()
+    deadline = time.monotonic() + TIMEOUT_S
+    while 'step 3/' not in _read(logs / 'process_0.log'):
+      assert proc.poll() is None and time.monotonic() < deadline, _read(logs / 'process_0.log')[-3000:]
+      time.sleep(0.2)
+    os.kill(int(pids[1]), signal.SIGTERM)
+    out, err = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  log = _read(logs / 'process_0.log')
+  assert proc.returncode == 0, err[-2000:] + log[-3000:] + _read(logs / 'process_1.log')[-3000:]
+  assert 'SIGTERM: saved step' in log, log[-3000:]
+  saved = int(log.split('SIGTERM: saved step ')[1].split()[0])
+  assert 3 <= saved < 40 and os.path.isdir(workdir / checkpoint.SUBDIR / str(saved))
+  assert not os.path.exists(workdir / 'results.json')
+
+  _run(command, dict(env, PORT=str(_free_port())))
+  log = _read(logs / 'process_0.log')
+  assert f'at step {saved}' in log and 'step 40/40' in log, log[-3000:]
+  assert _results(workdir)['steps'] == 40
+
+
+def _read(path) -> str:
+  return path.read_text() if os.path.exists(path) else ''
