@@ -102,3 +102,10 @@ def test_rows_are_parsed_and_bad_ones_explained():
   assert bench.parse_rows('concept_tuning, erm:128', 48) == [('concept_tuning', 48), ('erm', 128)]
   with pytest.raises(ValueError, match="erm:128"):
     bench.parse_rows('erm:big', 48)
+  with pytest.raises(ValueError, match="unknown row 'bogus'; rows are erm, concept_tuning, concept_loss"):
+    bench.parse_rows('erm,bogus:8', 48)
+  run = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=120)
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert run.stderr.startswith("concept_jax.bench: error: --rows item 'bogus': unknown row")

@@ -1,6 +1,8 @@
 """Benchmark settings: presets, command-line flags, rows, and the run config of a row."""
 import argparse
 
+from concept_jax import methods
+
 # Shapes of the official CUB recipe (../shared/docs/reference.md), and a CI-sized stand-in.
 PRESETS = {
     'cub': dict(depth=50, width=64, image_size=224, batch=48, classes=200, queue_size=40,
@@ -62,6 +64,10 @@ def parse_rows(spec: str, default_batch: int) -> list[tuple[str, int]]:
   rows = []
   for item in filter(None, (s.strip() for s in spec.split(','))):
     name, _, batch = item.partition(':')
+    known = methods.names() + ('concept_loss',)
+    if name not in known:
+      raise ValueError(f"--rows item {item!r}: unknown row {name!r}; rows are {', '.join(known)}, "
+                       "each with an optional ':batch'.")
     try:
       rows.append((name, int(batch) if batch else default_batch))
     except ValueError:
