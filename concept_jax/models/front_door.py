@@ -8,7 +8,8 @@ AND eval, as the official code samples in both (method.md section 1).
 Attention energies and softmaxes are computed in float32 at full matmul precision whatever the
 compute dtype: CAM energies are sums over h*w products of post-ReLU activations (hundreds to
 thousands) and the softmax of `rowmax - energy` turns a bf16/TF32 rounding error of ~1 into an
-e-fold change in a weight.
+e-fold change in a weight. PAM's 1x1 query / key / value convolutions themselves run in the compute
+dtype (their outputs are then multiplied in float32); CAM reads f itself, in float32.
 """
 import math
 from typing import Any
