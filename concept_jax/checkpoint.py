@@ -10,11 +10,27 @@ leaves a '*.orbax-checkpoint-tmp*' directory that is never taken for a checkpoin
 stays the latest good one.
 """
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
 
 SUBDIR = 'checkpoints'
+_URL = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')
+
+
+def local_directory(path: str, what: str) -> str:
+  """`path`, checked not to be a URL (gs://, s3://, ...).
+
+  Checkpoints, metrics and results go through the local file API, which would take 'gs://b/run' for
+  the relative directory 'gs:/b/run' and silently keep everything on this machine's disk.
+  """
+  if _URL.match(os.fspath(path)):
+    raise ValueError(
+        f'{what}={path!r}: URL paths are not supported yet (checkpoints and metrics are written '
+        'with local file operations). Use a directory every process sees at the same path: a '
+        'gcsfuse mount of the bucket, Filestore or NFS.')
+  return path
 
 
 class Checkpointer:

@@ -42,6 +42,17 @@ def test_config_resume_continues_another_runs_checkpoint(tmp_path):
   assert train.run(continued, str(tmp_path / 'second'))['steps'] == 4
 
 
+@pytest.mark.parametrize('field', ['workdir', 'resume'])
+def test_url_paths_are_refused_before_anything_is_written(tmp_path, monkeypatch, field):
+  # os.makedirs('gs://b/run') would create ./gs:/b/run and keep the run on this machine's disk.
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config('erm', resume='gs://bucket/old' if field == 'resume' else '')
+  workdir = 'gs://bucket/run' if field == 'workdir' else str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=r"URL paths are not supported yet.*gcsfuse mount"):
+    train.run(config, workdir)
+  assert os.listdir(tmp_path) == []
+
+
 def test_results_and_metrics_are_written(tmp_path):
   summary = train.run(tiny_config('erm'), str(tmp_path))
   with open(tmp_path / 'results.json') as f:
