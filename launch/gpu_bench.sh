@@ -11,7 +11,10 @@
 # -d .whl ml_collections==1.1.0 tqdm`) are installed into $SITE and put on PYTHONPATH first.
 # Each row runs in its own process, so each peak-memory figure is that row's alone, and a row that
 # fails or runs past $ROW_TIMEOUT seconds leaves the others' results intact.
-# Environment: OUT (results folder), STEPS (timed steps, 20), WARMUP (3), ROW_TIMEOUT (300),
+# With PROFILE=1 (the default) each row also traces 3 steps into $OUT/profile/<row> and writes
+# $OUT/<row>_trace.txt (python -m concept_jax.bench.trace_summary): time per XLA operation, JAX scope
+# and operation kind, to see where a step's time goes without TensorBoard.
+# Environment: OUT (results folder), STEPS (timed steps, 20), WARMUP (3), ROW_TIMEOUT (300), PROFILE,
 # ROWS (default 'erm:128 erm:48 concept_tuning:48 concept_loss:48'), BENCH_ARGS (extra flags, e.g. --preset=cpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +26,8 @@ WARMUP="${WARMUP:-3}"
 ROW_TIMEOUT="${ROW_TIMEOUT:-300}"
 ROWS="${ROWS:-erm:128 erm:48 concept_tuning:48 concept_loss:48}"
 mkdir -p "$OUT_DIR"
+profile=()
+[[ ${PROFILE:-1} == 1 ]] && profile=(--profile="$OUT_DIR/profile")
 
 shopt -s nullglob
 wheels=(.whl/*.whl)
@@ -44,11 +49,15 @@ for row in $ROWS; do
   echo "=== $row (timeout ${ROW_TIMEOUT}s)"
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   timeout "$ROW_TIMEOUT" python3 -m concept_jax.bench --rows="$row" --steps="$STEPS" \
-      --warmup="$WARMUP" --out="$OUT_DIR/$name.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT_DIR/$name.log"
+      --warmup="$WARMUP" --out="$OUT_DIR/$name.json" "${profile[@]}" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT_DIR/$name.log"
   rc=${PIPESTATUS[0]}
   if (( rc )); then
     echo "=== $row FAILED (exit $rc; 124 = timed out); see $OUT_DIR/$name.log"
     status=1
+  elif (( ${#profile[@]} )); then
+    python3 -m concept_jax.bench.trace_summary "$OUT_DIR/profile/$name" > "$OUT_DIR/${name}_trace.txt" 2>&1
+    head -n 12 "$OUT_DIR/${name}_trace.txt"
   fi
 done
 

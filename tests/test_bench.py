@@ -34,7 +34,8 @@ def test_cpu_preset_train_rows(tmp_path):
              # Compile speed over code speed: the figures only need to exist here.
              XLA_FLAGS='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
   result = subprocess.run(
-      [sys.executable, '-c', _WITHOUT_TF, '--preset=cpu', '--steps=2', '--warmup=0', f'--out={out}'],
+      [sys.executable, '-c', _WITHOUT_TF, '--preset=cpu', '--steps=2', '--warmup=0', f'--out={out}',
+       f'--profile={tmp_path / "profile"}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'concept_tuning' in result.stdout and 'erm' in result.stdout   # the printed table
@@ -63,6 +64,15 @@ def test_cpu_preset_train_rows(tmp_path):
   for row in (rows[0], rows[2]):
     assert 1 <= row['last_step_metrics']['sinkhorn_iters'] <= 200
   assert 'Sinkhorn ran' in result.stdout
+
+  # --profile: a trace and the compiled HLO per row; the OT loop is most of the concept loss's time.
+  from concept_jax.bench import trace_summary
+  for row in ('concept_tuning_b8', 'erm_b8', 'concept_loss_b8'):
+    assert (tmp_path / 'profile' / row / 'hlo.txt').read_text().startswith('HloModule')
+  summary = trace_summary.summarize(str(tmp_path / 'profile' / 'concept_loss_b8'))
+  scopes = summary.split('JAX scope\n')[1].splitlines()
+  assert scopes[0].endswith('  jvp()/while'), summary
+  assert 'backbone' in trace_summary.summarize(str(tmp_path / 'profile' / 'erm_b8'))
 
 
 @pytest.mark.parametrize('source', ['synthetic', 'jpeg', 'digits'])
@@ -109,3 +119,33 @@ def test_rows_are_parsed_and_bad_ones_explained():
                        capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and 'Traceback' not in run.stderr
   assert run.stderr.startswith("concept_jax.bench: error: --rows item 'bogus': unknown row")
+
+
+def test_trace_summary_counts_exclusive_device_time_and_names_jax_ops(tmp_path):
+  from concept_jax.bench import trace_summary
+  hlo = '\n'.join([
+      '%fused_computation.1 (param_0: f32[4]) -> f32[4] {',
+      '  %param_0 = f32[4]{0} parameter(0)',
+      '  ROOT %exp.1 = f32[4]{0} exponential(%param_0), metadata={op_name="jit(f)/jvp()/while/body/exp"}',
+      '}',
+      'ENTRY %main (p: f32[4]) -> f32[4] {',
+      '  %fusion.7 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.1',
+      '  ROOT %while.3 = f32[4]{0} while(%fusion.7), condition=%c, body=%b, '
+      'metadata={op_name="jit(f)/jvp()/while" source_file="x.py"}',
+      '}'])
+  assert trace_summary.op_names(hlo) == {'exp.1': 'jit(f)/jvp()/while/body/exp',
+                                        'fusion.7': 'jit(f)/jvp()/while/body/exp',
+                                        'while.3': 'jit(f)/jvp()/while'}
+  meta = lambda pid, name: {'ph': 'M', 'name': 'process_name', 'pid': pid, 'args': {'name': name}}
+  op = lambda pid, ts, dur, name: {'ph': 'X', 'pid': pid, 'tid': 1, 'ts': ts, 'dur': dur,
+                                   'args': {'hlo_op': name}}
+  # Device track: a while (0-10 us) running fusion.7 twice inside it; the host's launch events of the
+  # same operations (pid 1) must not count again.
+  trace = {'traceEvents': [meta(1, '/host:CPU'), meta(2, '/device:GPU:0'),
+                           op(2, 0, 10, 'while.3'), op(2, 2, 3, 'fusion.7'), op(2, 6, 2, 'fusion.7'),
+                           op(1, 0, 50, 'fusion.7')]}
+  assert trace_summary.op_times(trace) == {'while.3': 5.0, 'fusion.7': 5.0}
+  # Without device tracks (the CPU backend) the host events are the operations.
+  assert trace_summary.op_times({'traceEvents': [op(1, 0, 4, 'fusion.7')]}) == {'fusion.7': 4.0}
+  with pytest.raises(FileNotFoundError, match='--profile=DIR'):
+    trace_summary.summarize(str(tmp_path))

@@ -4,6 +4,8 @@
                                                  # and the concept loss alone (the OT part of CT)
     python -m concept_jax.bench --preset=cpu     # the same rows, CI-sized (ResNet-18/8, 64 px)
     python -m concept_jax.bench --rows=erm:128 --steps=50 --out=erm128.json
+    python -m concept_jax.bench --profile=prof   # + a jax.profiler trace and the HLO of each row
+    python -m concept_jax.bench.trace_summary prof/concept_tuning_b48   # where that row's time goes
     python -m concept_jax.bench --pipeline       # tf.data four-view samples/s on this CPU
     python -m concept_jax.bench --pipeline --pipeline_data=jpeg    # ... decoding CUB-sized JPEGs
     python -m concept_jax.bench --pipeline --pipeline_data=cub200 --pipeline_data_dir=DIR  # real data

@@ -34,6 +34,10 @@ def _jaxlib_version():
     return None
 
 
+def _fmt_tflops(x):
+  return 'n/a' if x is None else f'{x:.3g}'
+
+
 def _fmt_bytes(b):
   return 'n/a' if b is None else f'{b / 2**30:.2f} GiB' if b >= 2**30 else f'{b / 2**20:.1f} MiB'
 
@@ -47,14 +51,16 @@ def table(report: dict) -> str:
     lines.append(f"ResNet-{s['depth']} width {s['width']}, {s['image_size']} px, {s['classes']} "
                  f"classes, {s['dtype']}; CT K {s['queue_size']}, confusing {s['confusing']}, "
                  f"patch {s['patch_size']}; {s['warmup']} warm-up + {s['steps']} timed steps")
-    header = ('method', 'batch', 'median s', 'p90 s', 'img/s', 'init s', 'lower s', 'compile s',
-              'first s', 'peak mem')
+    header = ('method', 'batch', 'median s', 'p90 s', 'img/s', 'TFLOP/s', 'init s', 'lower s',
+              'compile s', 'first s', 'peak mem')
     body = [(r['method'], r['batch'], f"{r['step_median_s']:.4f}", f"{r['step_p90_s']:.4f}",
-             f"{r['images_per_s']:.1f}", f"{r['init_s']:.1f}", f"{r['lower_s']:.1f}",
-             f"{r['compile_s']:.1f}", f"{r['first_step_s']:.2f}",
+             f"{r['images_per_s']:.1f}", _fmt_tflops(r['xla_tflops_per_s']), f"{r['init_s']:.1f}",
+             f"{r['lower_s']:.1f}", f"{r['compile_s']:.1f}", f"{r['first_step_s']:.2f}",
              _fmt_bytes(r['peak_memory_bytes'])) for r in train_rows]
     lines += _grid(header, body)
     lines.append('peak mem: ' + '; '.join(sorted({r['memory_source'] for r in train_rows})))
+    lines.append("TFLOP/s: XLA's static FLOP count of one step / median step time (a while loop's "
+                 "body counts once, so Concept-Tuning's Sinkhorn loop is undercounted)")
     for r in train_rows:
       if 'sinkhorn_iters' in r['last_step_metrics']:
         problems = f", {r['sinkhorn_problems']:,} OT problems" if 'sinkhorn_problems' in r else ''

@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--steps', type=int, help='timed steps per row')
   p.add_argument('--warmup', type=int, help='untimed steps after the first one')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--profile', default='',
+                 help='also trace 3 steps of each row with jax.profiler into PROFILE/<row> '
+                      '(open with TensorBoard or XProf)')
   p.add_argument('--pipeline', action='store_true',
                  help='measure the tf.data input pipeline instead of the train step (needs TensorFlow)')
   p.add_argument('--pipeline_method', default='concept_tuning', help='whose views the pipeline makes')
@@ -105,7 +108,7 @@ def make_config(method: str, batch: int, args):
 
 def settings(args) -> dict:
   keys = ('preset', 'depth', 'width', 'image_size', 'batch', 'classes', 'queue_size', 'confusing',
-          'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed')
+          'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed', 'profile')
   if args.pipeline:
     keys = ('preset', 'image_size', 'batch', 'classes', 'seed', 'pipeline_method', 'pipeline_batches',
             'pipeline_warmup', 'pipeline_data', 'pipeline_data_dir', 'pipeline_manual_dir',

@@ -1,5 +1,6 @@
 """Train-step and concept-loss rows: lower, compile and time a jitted function on device-resident data."""
 import math
+import os
 import sys
 import time
 
@@ -71,7 +72,7 @@ def bench_train(method_name: str, batch: int, args) -> dict:
     carry[0], values = compiled(carry[0], data)
     return carry[0], values
 
-  row = _time_jitted(step, (state, data), args, run=run_step)
+  row = _time_jitted(step, (state, data), args, f'{method_name}_b{batch}', run=run_step)
   memory, memory_source = row.pop('memory')
   values = {k: float(v) for k, v in jax.device_get(row.pop('outputs')[1]).items()}
   if not all(math.isfinite(v) for v in values.values()):
@@ -109,7 +110,7 @@ def bench_concept_loss(batch: int, args) -> dict:
                                                   with_aux=True), has_aux=True)(zq)
     return loss, grad, aux
 
-  row = _time_jitted(jax.jit(loss_and_grad), (zq,), args)
+  row = _time_jitted(jax.jit(loss_and_grad), (zq,), args, f'concept_loss_b{batch}')
   memory, memory_source = row.pop('memory')
   loss, _, aux = jax.device_get(row.pop('outputs'))
   return {'kind': 'concept_loss', 'method': 'concept_loss', 'batch': batch, 'init_s': init_s, **row,
@@ -119,8 +120,8 @@ def bench_concept_loss(batch: int, args) -> dict:
                                 'sinkhorn_iters': float(aux['sinkhorn_iters_max'])}}
 
 
-def _time_jitted(fn, inputs, args, run=None) -> dict:
-  """Lowers, compiles and times a jitted fn on inputs.
+def _time_jitted(fn, inputs, args, name, run=None) -> dict:
+  """Lowers, compiles and times a jitted fn on inputs (and traces it under --profile/name).
 
   run(compiled, *inputs) -> outputs makes one step (default: compiled(*inputs)); a train step
   threads its own state through it. Returns the timing figures, 'outputs' of the last step and
@@ -143,8 +144,43 @@ def _time_jitted(fn, inputs, args, run=None) -> dict:
     outputs = jax.block_until_ready(run(compiled, *inputs))
     times.append(time.perf_counter() - t)
   median = float(np.median(times))
+  if args.profile:
+    # More steps under the profiler, after the timed ones so the trace costs them nothing; the
+    # compiled HLO beside it maps the trace's operations to JAX source (bench/trace_summary.py).
+    from concept_jax.bench import trace_summary  # lazily: it is also a __main__ module
+    row_dir = os.path.join(args.profile, name)
+    os.makedirs(row_dir, exist_ok=True)
+    with open(os.path.join(row_dir, 'hlo.txt'), 'w') as f:
+      f.write(compiled.as_text())
+    try:
+      with jax.profiler.trace(row_dir):
+        for _ in range(trace_summary.TRACED_STEPS):
+          outputs = jax.block_until_ready(run(compiled, *inputs))
+    except Exception as e:  # e.g. no CUPTI on a GPU machine: the timings above still stand
+      print(f'WARNING: {name}: the profiler failed ({type(e).__name__}: {e}); no trace.',
+            file=sys.stderr)
+  flops, bytes_accessed = static_cost(compiled)
   return {'lower_s': t1 - t0, 'compile_s': t2 - t1, 'first_step_s': first_s,
           'step_median_s': median, 'step_p90_s': float(np.percentile(times, 90)),
           'step_mean_s': float(np.mean(times)), 'step_min_s': float(np.min(times)),
           'step_times_s': times, 'steps_per_s': 1.0 / median, 'outputs': outputs,
+          'xla_flops': flops, 'xla_bytes_accessed': bytes_accessed,
+          'xla_tflops_per_s': None if flops is None else flops / median / 1e12,
           'memory': memory_figure(jax.local_devices()[0], compiled)}
+
+
+def static_cost(compiled) -> tuple[float | None, float | None]:
+  """(flops, bytes accessed) of one step by XLA's static cost analysis, None where unavailable.
+
+  A while loop's body counts once whatever its trip count, so the Sinkhorn loop is undercounted.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return None, None
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else None
+  if not cost:
+    return None, None
+  flops, accessed = cost.get('flops'), cost.get('bytes accessed')
+  return (float(flops) if flops else None), (float(accessed) if accessed else None)
