@@ -87,12 +87,11 @@ def roi_align(image: jax.Array, boxes: jax.Array, output_size: int = 64, *,
   boxes = jax.lax.stop_gradient(boxes).astype(jnp.float32) * spatial_scale
   n = boxes.shape[0]
   g = sampling_ratio
-  s = output_size * g
   y_lo, y_hi, wy_lo, wy_hi = _axis_samples(boxes[:, 1], boxes[:, 3], output_size, height, g,
                                            aligned)
   x_lo, x_hi, wx_lo, wx_hi = _axis_samples(boxes[:, 0], boxes[:, 2], output_size, width, g,
                                            aligned)
-  # Rows first: (N, s, W, Cin); then columns: (N, s, s, Cin).
+  # Rows first: (N, s, W, Cin); then columns: (N, s, s, Cin), s = output_size * g.
   rows = (image[y_lo] * wy_lo[..., None, None] + image[y_hi] * wy_hi[..., None, None])
   take = jax.vmap(lambda r, idx: jnp.take(r, idx, axis=1))                   # over boxes
   out = (take(rows, x_lo) * wx_lo[:, None, :, None] + take(rows, x_hi) * wx_hi[:, None, :, None])
