@@ -19,8 +19,8 @@ SUBDIR = 'checkpoints'
 _URL = re.compile(r'^[a-zA-Z][a-zA-Z0-9+.-]*://')
 
 
-def local_directory(path: str, what: str) -> str:
-  """`path`, checked not to be a URL (gs://, s3://, ...).
+def check_local_directory(path: str, what: str) -> None:
+  """Raises ValueError if `path` is a URL (gs://, s3://, ...), naming it as `what`.
 
   Checkpoints, metrics and results go through the local file API, which would take 'gs://b/run' for
   the relative directory 'gs:/b/run' and silently keep everything on this machine's disk.
@@ -30,7 +30,6 @@ def local_directory(path: str, what: str) -> str:
         f'{what}={path!r}: URL paths are not supported yet (checkpoints and metrics are written '
         'with local file operations). Use a directory every process sees at the same path: a '
         'gcsfuse mount of the bucket, Filestore or NFS.')
-  return path
 
 
 class Checkpointer:

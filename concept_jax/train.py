@@ -150,9 +150,9 @@ def evaluate(eval_step, state, config, split: str, mesh, rng) -> dict:
 
 def run(config, workdir: str) -> dict:
   """Trains config's method, evaluating every epoch; returns the summary written to results.json."""
-  checkpoint.local_directory(workdir, '--workdir')
+  checkpoint.check_local_directory(workdir, '--workdir')
   if config.resume:
-    checkpoint.local_directory(config.resume, 'config.resume')
+    checkpoint.check_local_directory(config.resume, 'config.resume')
   os.makedirs(workdir, exist_ok=True)
   mesh = distributed.make_mesh()
   info = pipeline.dataset_info(config.data)

@@ -12,9 +12,10 @@
 
 A row is `method[:batch]`; `concept_loss[:batch]` times the concept contrastive loss and its gradient
 alone on random unit vectors at the row's shapes (B x (1 + K + confusing x K) Sinkhorn problems), to
-split a Concept-Tuning step's time between the OT part and the rest. Every other row runs the trainer's real code path (methods.get, optim.make_optimizer,
-train.initial_state, train.make_train_step, distributed.make_mesh) on one synthetic batch that stays on
-the device, so the figures exclude the input pipeline. Per row: lower and compile times, the first step
+split a Concept-Tuning step's time between the OT part and the rest. Every other row runs the
+trainer's real code path (methods.get, optim.make_optimizer, train.initial_state,
+train.make_train_step, distributed.make_mesh) on one synthetic batch that stays on the device, so the
+figures exclude the input pipeline. Per row: lower and compile times, the first step
 (timed apart), `--warmup` untimed steps, then `--steps` steps each timed to jax.block_until_ready.
 
 Peak memory: device.memory_stats()['peak_bytes_in_use'] where the backend keeps it (GPU, TPU). That is a

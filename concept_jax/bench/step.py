@@ -22,7 +22,7 @@ def synthetic_batch(batch: int, num_views: int, size: int, num_classes: int, see
 
 
 def memory_figure(device, compiled) -> tuple[float | None, str]:
-  """(bytes or None, where the figure comes from); see the module docstring."""
+  """(bytes or None, where the figure comes from); see the package docstring."""
   try:
     stats = device.memory_stats()
   except Exception:  # some backends raise instead of returning None
@@ -73,14 +73,12 @@ def bench_train(method_name: str, batch: int, args) -> dict:
     return carry[0], values
 
   row = _time_jitted(step, (state, data), args, f'{method_name}_b{batch}', run=run_step)
-  memory, memory_source = row.pop('memory')
   values = {k: float(v) for k, v in jax.device_get(row.pop('outputs')[1]).items()}
   if not all(math.isfinite(v) for v in values.values()):
     print(f'WARNING: {method_name} produced non-finite metrics: {values}', file=sys.stderr)
   return {'kind': 'train_step', 'method': method_name, 'batch': batch, 'views': len(method.views),
           'image_size': args.image_size, 'dtype': args.dtype, 'init_s': init_s, **row,
-          'images_per_s': batch / row['step_median_s'], 'peak_memory_bytes': memory,
-          'memory_source': memory_source, 'last_step_metrics': values}
+          'images_per_s': batch / row['step_median_s'], 'last_step_metrics': values}
 
 
 def bench_concept_loss(batch: int, args) -> dict:
@@ -111,11 +109,10 @@ def bench_concept_loss(batch: int, args) -> dict:
     return loss, grad, aux
 
   row = _time_jitted(jax.jit(loss_and_grad), (zq,), args, f'concept_loss_b{batch}')
-  memory, memory_source = row.pop('memory')
   loss, _, aux = jax.device_get(row.pop('outputs'))
   return {'kind': 'concept_loss', 'method': 'concept_loss', 'batch': batch, 'init_s': init_s, **row,
-          'images_per_s': batch / row['step_median_s'], 'peak_memory_bytes': memory,
-          'memory_source': memory_source, 'sinkhorn_problems': batch * (1 + k + n_conf * k),
+          'images_per_s': batch / row['step_median_s'],
+          'sinkhorn_problems': batch * (1 + k + n_conf * k),
           'last_step_metrics': {'concept_contrast': float(loss),
                                 'sinkhorn_iters': float(aux['sinkhorn_iters_max'])}}
 
@@ -124,8 +121,8 @@ def _time_jitted(fn, inputs, args, name, run=None) -> dict:
   """Lowers, compiles and times a jitted fn on inputs (and traces it under --profile/name).
 
   run(compiled, *inputs) -> outputs makes one step (default: compiled(*inputs)); a train step
-  threads its own state through it. Returns the timing figures, 'outputs' of the last step and
-  'memory' (bytes or None, source).
+  threads its own state through it. Returns the timing and memory figures, and 'outputs' of the
+  last step (for the caller to read and drop).
   """
   run = run or (lambda compiled, *xs: compiled(*xs))
   t0 = time.perf_counter()
@@ -160,13 +157,14 @@ def _time_jitted(fn, inputs, args, name, run=None) -> dict:
       print(f'WARNING: {name}: the profiler failed ({type(e).__name__}: {e}); no trace.',
             file=sys.stderr)
   flops, bytes_accessed = static_cost(compiled)
+  memory, memory_source = memory_figure(jax.local_devices()[0], compiled)
   return {'lower_s': t1 - t0, 'compile_s': t2 - t1, 'first_step_s': first_s,
           'step_median_s': median, 'step_p90_s': float(np.percentile(times, 90)),
           'step_mean_s': float(np.mean(times)), 'step_min_s': float(np.min(times)),
           'step_times_s': times, 'steps_per_s': 1.0 / median, 'outputs': outputs,
           'xla_flops': flops, 'xla_bytes_accessed': bytes_accessed,
           'xla_tflops_per_s': None if flops is None else flops / median / 1e12,
-          'memory': memory_figure(jax.local_devices()[0], compiled)}
+          'peak_memory_bytes': memory, 'memory_source': memory_source}
 
 
 def static_cost(compiled) -> tuple[float | None, float | None]:

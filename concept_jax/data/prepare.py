@@ -31,8 +31,8 @@ def prepare(name, data_dir=None, manual_dir=None, force=False):
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir))
-  except (common.CorruptImageError, FileNotFoundError, ValueError):
-    raise  # already say what is wrong and how to fix it
+  except (FileNotFoundError, ValueError):  # CorruptImageError included: they say the fix already
+    raise
   except Exception as e:
     spec = registry.get_spec(name)
     if spec.builder is not None:
