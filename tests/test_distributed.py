@@ -58,10 +58,20 @@ def _env(**extra) -> dict:
 
 
 def _run(command: list, env: dict) -> subprocess.CompletedProcess:
-  """Runs command in its own process group and kills the whole group (launched children included)
-  when it exits or overruns TIMEOUT_S."""
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+  """Runs command to completion: see `_finish`."""
+  return _finish(_start(command, env))
+
+
+def _start(command: list, env: dict) -> subprocess.Popen:
+  """Starts command in its own process group (so `_finish` can kill launched children too)."""
+  return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, context=lambda: '') -> subprocess.CompletedProcess:
+  """Waits for proc, kills its whole group when it exits or overruns TIMEOUT_S, and asserts it
+  succeeded; context() adds to the failure message (e.g. the processes' logs)."""
+  command = proc.args
   try:
     out, err = proc.communicate(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:
@@ -73,8 +83,21 @@ def _run(command: list, env: dict) -> subprocess.CompletedProcess:
       os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
-  assert proc.returncode == 0, f'{command[:3]} exited with {proc.returncode}:\n{err[-3000:]}'
+  assert proc.returncode == 0, (f'{command[:3]} exited with {proc.returncode}:\n{err[-3000:]}'
+                                f'{context()}')
   return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _two_processes(tmp_path, get_config_body: str):
+  """(command, env) of launch/local.sh with 2 CPU processes x 2 devices on a config whose
+  get_config() body is given, workdir tmp_path/'run', logs in tmp_path/'logs'. Set env's PORT per
+  launch (a fresh `_free_port()`)."""
+  config = tmp_path / 'config.py'
+  config.write_text('from tests.test_distributed import configs\n\n\ndef get_config():\n'
+                    + get_config_body)
+  command = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
+             f'--workdir={tmp_path / "run"}']
+  return command, _env(CPU_DEVICES='2', PYTHON=sys.executable, LOG_DIR=str(tmp_path / 'logs'))
 
 
 def _train_on_devices(workdir, devices: int) -> None:
@@ -134,15 +157,11 @@ def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
   """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir; then
   the last checkpoint is removed and the same command resumes from the one before, read back by both
   processes, and still ends in the one-process state."""
-  config = tmp_path / 'tiny.py'
-  config.write_text('from tests.test_distributed import configs\n\n\n'
-                    f'def get_config():\n  return configs()[{name!r}]\n')
+  command, env = _two_processes(tmp_path, f'  return configs()[{name!r}]\n')
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
 
   def launch():
-    run = _run(['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
-                f'--workdir={workdir}'],
-               _env(CPU_DEVICES='2', PORT=str(_free_port()), PYTHON=sys.executable, LOG_DIR=str(logs)))
+    run = _run(command, dict(env, PORT=str(_free_port())))
     log = (logs / 'process_0.log').read_text()
     assert '4 device(s), 2 process(es)' in log, log[-3000:] + run.stderr[-2000:]
     return log
@@ -165,33 +184,27 @@ def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
 def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(tmp_path):
   """A preempted host gets SIGTERM alone: jax.distributed's preemption service makes every process
   save the same step and exit cleanly, and the same command resumes from it."""
-  config = tmp_path / 'long.py'
-  config.write_text('from tests.test_distributed import configs\n\n\n'
-                    'def get_config():\n  c = configs()["erm"]\n'
-                    '  c.epochs, c.iters_per_epoch, c.checkpoint_every, c.log_every = 1, 40, 1000, 1\n'
-                    '  return c\n')
+  command, env = _two_processes(
+      tmp_path, '  c = configs()["erm"]\n'
+      '  c.epochs, c.iters_per_epoch, c.checkpoint_every, c.log_every = 1, 40, 1000, 1\n'
+      '  return c\n')
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
-  command = ['bash', os.path.join(ROOT, 'launch', 'local.sh'), '2', f'--config={config}',
-             f'--workdir={workdir}']
-  env = _env(CPU_DEVICES='2', PORT=str(_free_port()), PYTHON=sys.executable, LOG_DIR=str(logs))
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True)
+  proc = _start(command, dict(env, PORT=str(_free_port())))
+  logs_tail = lambda: ''.join(f'\n{name}: {_read(logs / name)[-3000:]}'
+                              for name in ('process_0.log', 'process_1.log'))
   try:
     # local.sh names the process ids first; process 0 logs every step.
     pids = proc.stderr.readline().split('(pids ')[1].split(')')[0].split()
     deadline = time.monotonic() + TIMEOUT_S
     while 'step 3/' not in _read(logs / 'process_0.log'):
-      assert proc.poll() is None and time.monotonic() < deadline, _read(logs / 'process_0.log')[-3000:]
+      assert proc.poll() is None and time.monotonic() < deadline, logs_tail()
       time.sleep(0.2)
     os.kill(int(pids[1]), signal.SIGTERM)
-    out, err = proc.communicate(timeout=TIMEOUT_S)
-  finally:
-    try:
-      os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-      pass
+  except BaseException:
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise
+  _finish(proc, logs_tail)
   log = _read(logs / 'process_0.log')
-  assert proc.returncode == 0, err[-2000:] + log[-3000:] + _read(logs / 'process_1.log')[-3000:]
   assert 'SIGTERM: saved step' in log, log[-3000:]
   saved = int(log.split('SIGTERM: saved step ')[1].split()[0])
   assert 3 <= saved < 40 and os.path.isdir(workdir / checkpoint.SUBDIR / str(saved))
