@@ -1,15 +1,13 @@
 """The benchmark end to end: the CPU preset's ERM and Concept-Tuning rows, and a tiny pipeline run."""
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
 from concept_jax import bench
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT, subprocess_env
 
 # Runs the benchmark with TensorFlow and tensorflow-datasets unimportable, as on the GPU machine.
 _WITHOUT_TF = """
@@ -30,13 +28,10 @@ def _positive_finite(x):
 
 def test_cpu_preset_train_rows(tmp_path):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             # Compile speed over code speed: the figures only need to exist here.
-             XLA_FLAGS='--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
   result = subprocess.run(
       [sys.executable, '-c', _WITHOUT_TF, '--preset=cpu', '--steps=2', '--warmup=0', f'--out={out}',
        f'--profile={tmp_path / "profile"}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   assert 'concept_tuning' in result.stdout and 'erm' in result.stdout   # the printed table
 
@@ -115,7 +110,7 @@ def test_rows_are_parsed_and_bad_ones_explained():
   with pytest.raises(ValueError, match="unknown row 'bogus'; rows are erm, concept_tuning, concept_loss"):
     bench.parse_rows('erm,bogus:8', 48)
   run = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
-                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+                       cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and 'Traceback' not in run.stderr
   assert run.stderr.startswith("concept_jax.bench: error: --rows item 'bogus': unknown row")
