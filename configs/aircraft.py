@@ -4,13 +4,13 @@ Run (put fgvc-aircraft-2013b.tar.gz in DIR/downloads/manual, then
 `python -m concept_jax.data.prepare --data=aircraft --data_dir=DIR`):
   python -m concept_jax.main --config configs/aircraft.py:sr=100 --workdir runs/aircraft_ct_100 \
       --config.data.data_dir=DIR --config.pretrained.path=weights/resnet50-0676ba61.pth
-Arguments: sr (15/30/50/100), method (concept_tuning | erm), seed, tiny (see configs/common.py::recipe).
+Arguments: sr (15/30/50/100), method (concept_tuning | erm), seed, tiny (see concept_jax/recipes.py::recipe).
 Expected top-1 (tllib, official protocol): ERM 41.6 / 57.8 / 68.7 / 80.2, Bi-Tuning 47.2 / 64.3 / 73.7 /
 84.3 at 15/30/50/100. The paper reports Concept-Tuning above the best of these.
 """
 
-from configs import common
+from concept_jax import recipes
 
 
 def get_config(arg=None):
-  return common.recipe(arg, data='aircraft', num_classes=100)
+  return recipes.recipe(arg, data='aircraft', num_classes=100)

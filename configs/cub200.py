@@ -12,7 +12,7 @@ Expected top-1, official protocol (best epoch, max of main and IB head, on test)
   Bi-Tuning (tllib): 55.8 / 69.3 / 77.2 / 83.1.
 """
 
-from configs import common
+from concept_jax import recipes
 
 
 def _edit(c, a):
@@ -21,4 +21,4 @@ def _edit(c, a):
 
 
 def get_config(arg=None):
-  return common.recipe(arg, data='cub200', num_classes=200, edit=_edit)
+  return recipes.recipe(arg, data='cub200', num_classes=200, edit=_edit)

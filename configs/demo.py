@@ -12,18 +12,18 @@ Expected: pre-training reaches ~95% on digits 0-4; both fine-tuning runs land we
 """
 import ml_collections
 
-from configs import common
+from concept_jax import recipes
 
 
 def _stage(method: str, classes, sampling_rate: int, steps: int, fast: bool) -> ml_collections.ConfigDict:
-  c = common.base_config()
+  c = recipes.base_config()
   c.data.name = 'digits'
   c.data.classes = classes
   c.data.sampling_rate = sampling_rate
   c.image_size = 64
   c.data.val_fraction = 0.2
   c.model.update(depth=18, width=8, dtype='float32', ib_dim=32)
-  c.method = common.method_config(method)
+  c.method = recipes.method_config(method)
   c.batch_size = 32
   c.iters_per_epoch = max(1, steps // 4)
   c.epochs = 4
@@ -39,7 +39,7 @@ def _stage(method: str, classes, sampling_rate: int, steps: int, fast: bool) -> 
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, fast=False)
+  a = recipes.parse_arg(arg, fast=False)
   source, target = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
   pretrain = _stage('erm', source, 100, steps=240, fast=a.fast)
   pretrain.optim.lr = 0.1

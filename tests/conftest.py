@@ -11,7 +11,7 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 
 import pytest  # noqa: E402
 
-from configs import common  # noqa: E402
+from concept_jax import recipes  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +28,9 @@ def subprocess_env(**extra) -> dict:
 
 def tiny_config(method: str = 'erm', **changes):
   """A complete config for a few-second run: synthetic 10-class data, the test-only ResNet."""
-  c = common.base_config()
-  c.method = common.method_config(method)
-  c = common.tiny(c)
+  c = recipes.base_config()
+  c.method = recipes.method_config(method)
+  c = recipes.tiny(c)
   c.data.synthetic.update(num_classes=10, train_per_class=6, test_per_class=3, image_size=48)
   c.data.val_fraction = 0.2
   c.image_size = 32

@@ -42,6 +42,20 @@ def test_tiny_outputs_shapes_and_dtypes(tiny):
   assert model.stride == 32 and model.feature_dim == d
 
 
+def test_small_stem_keeps_resolution_until_layer2():
+  model = Classifier(num_classes=5, depth=0, width=8, stem='small')
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init({'params': jax.random.key(0), 'sample': jax.random.key(1)}, x, train=False)
+  out = model.apply(variables, x, train=False)
+  strides = {'stem': 1, 'layer1': 1, 'layer2': 2, 'layer3': 4, 'layer4': 8}
+  for name, s in strides.items():
+    assert out['stages'][name].shape[:3] == (2, 32 // s, 32 // s), name
+  assert model.stride == 8 and out['feature_map'].shape == (2, 4, 4, resnet.feature_dim(0, 8))
+  assert variables['params']['backbone']['conv1']['kernel'].shape == (3, 3, 3, 8)
+  with pytest.raises(ValueError, match="model.stem='cifar' is unknown"):
+    resnet.stride('cifar')
+
+
 def test_parameter_tree_names(tiny):
   _, _, variables = tiny
   params, stats = variables['params'], variables['batch_stats']

@@ -82,18 +82,18 @@ def parse_rows(spec: str, default_batch: int) -> list[tuple[str, int]]:
 
 
 def make_config(method: str, batch: int, args):
-  """The base recipe (configs/common.py) with the benchmark's shapes; synthetic data, no weights."""
+  """The base recipe (concept_jax/recipes.py) with the benchmark's shapes; synthetic data, no weights."""
   try:
-    from configs import common
+    from concept_jax import recipes
   except ImportError as e:
     raise ImportError(
-        f'{e}. The configs need ml_collections (concept_jax.data.pipeline and configs/common.py '
-        'import it). On a machine without it: python3 -m pip install --no-index --no-deps '
-        '--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site (see launch/gpu_bench.sh).'
+        f'{e}. The configs need ml_collections (concept_jax.recipes imports it). On a machine '
+        'without it: python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl '
+        '&& export PYTHONPATH=/tmp/site (see launch/gpu_bench.sh).'
     ) from e
-  c = common.base_config()
+  c = recipes.base_config()
   c.seed = args.seed
-  c.method = common.method_config(method)
+  c.method = recipes.method_config(method)
   c.data.name = 'synthetic'
   c.data.synthetic.num_classes = args.classes
   c.data.synthetic.image_size = args.pipeline_source_size
@@ -101,8 +101,10 @@ def make_config(method: str, batch: int, args):
   c.model.update(depth=args.depth, width=args.width, dtype=args.dtype, ib_dim=args.ib_dim)
   c.batch_size = batch
   c.pretrained.path = ''
-  if method == 'concept_tuning':
-    c.method.update(queue_size=args.queue_size, confusing=args.confusing, patch_size=args.patch_size)
+  # Whichever of these the method has (queues, confusing classes, patches) take the benchmark's values.
+  for key in ('queue_size', 'confusing', 'patch_size'):
+    if key in c.method:
+      c.method[key] = getattr(args, key)
   return c
 
 

@@ -6,6 +6,7 @@ float32 normalised, V = len(method.views); labels (B,) int32.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from concept_jax.data.views import ViewSpec
@@ -19,13 +20,24 @@ class Method:
   # Classifier options the method needs (e.g. the front-door branch).
   model_options: dict = {}
 
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """config.method: every hyper-parameter with its paper's default. Subclasses extend it."""
+    # tllib's default training transform: RandomResizedCrop(224) with torchvision's default scale.
+    return ml_collections.ConfigDict(dict(name=cls.name, image_scale=(0.08, 1.0)))
+
+  @classmethod
+  def shrink(cls, method_config) -> None:
+    """Adjusts config.method in place for the CPU-sized `tiny` preset (few classes, small images)."""
+    del method_config
+
   def __init__(self, config, num_classes: int):
     self.config = config
     self.num_classes = num_classes
     m = config.model
     self.model = Classifier(num_classes=num_classes, depth=m.depth, width=m.width,
                             dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
-                            source_classes=m.source_classes, **self.model_options)
+                            source_classes=m.source_classes, stem=m.stem, **self.model_options)
 
   @property
   def views(self) -> tuple[ViewSpec, ...]:

@@ -24,6 +24,35 @@ class ConceptTuning(Method):
   name = 'concept_tuning'
   model_options = {'front_door': True}
 
+  @classmethod
+  def default_config(cls):
+    c = super().default_config()
+    c.update(
+        queue_size=40,            # K, keys per class
+        temperature=0.07,
+        momentum=0.999,           # key encoder EMA
+        confusing=100,            # confusing classes per sample (CUB recipe: 199)
+        trade_off=1.0,            # image-level contrast weight
+        beta=1.0,                 # concept-level contrast weight
+        ib_weight=1.0,            # CE of the information-bottleneck head
+        infow=5e-3,               # KL weight
+        kl_scale='exp',           # official quirk: KL with exp(std) as the scale; 'std' is the textbook one
+        num_concepts=9,
+        concept_step=0,           # 0: 250 * D / 2048 channels between concept slices
+        channels_per_concept=0,   # 0: 30 * D / 2048
+        patch_size=64,
+        box_anchor='corner',      # official quirk: box centred on the peak cell's top-left corner
+        top_pos=3, top_neg=10,
+        sinkhorn_eps=0.01, sinkhorn_iters=200, sinkhorn_thresh=1e-3,
+        image_scale=(0.2, 1.0),   # views 0, 1
+        patch_scale=(0.5, 1.0),   # views 2, 3
+    )
+    return c
+
+  @classmethod
+  def shrink(cls, m):
+    m.update(queue_size=4, confusing=min(m.confusing, 20), patch_size=32)
+
   def __init__(self, config, num_classes: int):
     super().__init__(config, num_classes)
     m = config.method

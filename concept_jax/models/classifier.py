@@ -17,7 +17,7 @@ from concept_jax.models import resnet
 class Classifier(nn.Module):
   """images (B, H, W, 3), already normalised -> dict of float32 arrays.
 
-  Always: 'feature_map' (B, H/32, W/32, D) layer4 output; 'features' (B, D) its global average;
+  Always: 'feature_map' (B, H/s, W/s, D) layer4 output (s = self.stride: 32, or 8 with stem='small'); 'features' (B, D) its global average;
   'stages' {'stem', 'layer1', ..., 'layer4'}. With heads=True also 'logits' (B, num_classes); with
   front_door 'ib_logits' (B, num_classes), 'mu' and 'std' (B, ib_dim) (needs rngs={'sample': key});
   with source_classes > 0 'source_logits' (B, source_classes).
@@ -30,11 +30,12 @@ class Classifier(nn.Module):
   front_door: bool = False
   ib_dim: int = 512
   source_classes: int = 0
+  stem: str = 'imagenet'
 
   @property
   def stride(self) -> int:
     """Input pixels per cell of the layer4 map."""
-    return resnet.STRIDE
+    return resnet.stride(self.stem)
 
   @property
   def feature_dim(self) -> int:
@@ -42,7 +43,8 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False, heads: bool = True):
-    feature_map, stages = resnet.ResNet(self.depth, self.width, self.dtype, name='backbone')(images, train)
+    feature_map, stages = resnet.ResNet(self.depth, self.width, self.dtype, self.stem,
+                                                name='backbone')(images, train)
     # GAP in float32: the head and the concept search read these; casting here is free under jit.
     features = jnp.mean(feature_map.astype(jnp.float32), axis=(1, 2))
     out = {'feature_map': feature_map.astype(jnp.float32), 'features': features,

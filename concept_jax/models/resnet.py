@@ -25,10 +25,19 @@ _LAYOUTS = {
     152: ('bottleneck', (3, 8, 36, 3)),
 }
 _EXPANSION = {'basic': 1, 'bottleneck': 4}
-STRIDE = 32  # input pixels per layer4 cell, for every depth
+# Input pixels per layer4 cell. 'imagenet': torchvision's 7x7/2 conv + 3x3/2 max pool;
+# 'small': the CIFAR ResNets' 3x3/1 conv and no pool, for 32 px images (a 4x4 layer4 map, not 1x1).
+STEMS = {'imagenet': 32, 'small': 8}
 
 # torchvision's conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), not truncated.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def stride(stem: str) -> int:
+  """Input pixels per layer4 cell for a stem ('imagenet' | 'small')."""
+  if stem not in STEMS:
+    raise ValueError(f'model.stem={stem!r} is unknown; choose one of {sorted(STEMS)}.')
+  return STEMS[stem]
 
 
 def layout(depth: int) -> tuple[str, tuple[int, ...]]:
@@ -98,28 +107,35 @@ class ResNet(nn.Module):
     depth: 18, 34, 50, 101, 152, or 0 (tiny test-only variant: BasicBlock, one block per stage).
     width: channels of the stem and of the first stage's 3x3 convs (torchvision: 64).
     dtype: compute dtype (bfloat16 or float32); parameters are always float32.
+    stem: 'imagenet' (torchvision's, total stride 32) or 'small' (3x3 stride-1 conv1, no max pool,
+      total stride 8; conv1 then has a 3x3 kernel, so ImageNet weights do not load into it).
   """
   depth: int = 50
   width: int = 64
   dtype: Any = jnp.float32
+  stem: str = 'imagenet'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    """x: (B, H, W, 3) normalised images -> (layer4 map (B, H/32, W/32, D), stages dict).
+    """x: (B, H, W, 3) normalised images -> (layer4 map (B, H/s, W/s, D), stages dict), s = stride(stem).
 
-    stages: 'stem' (B, H/4, W/4, width) after the max pool, 'layer1'..'layer4' (strides 4, 8, 16, 32),
-    all in the compute dtype.
+    stages: 'stem' (B, H/4, W/4, width) after the max pool ('small' stem: (B, H, W, width)),
+    'layer1'..'layer4' (strides 4, 8, 16, 32; 'small' stem: 1, 2, 4, 8), all in the compute dtype.
     """
     kind, blocks = layout(self.depth)
     block = BasicBlock if kind == 'basic' else Bottleneck
+    stride(self.stem)  # validates the name
     x = jnp.asarray(x, self.dtype)
-    x = _conv(self.width, 7, 2, 'conv1', self.dtype)(x)
-    x = nn.relu(_bn(train, 'bn1', self.dtype)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    if self.stem == 'imagenet':
+      x = _conv(self.width, 7, 2, 'conv1', self.dtype)(x)
+      x = nn.relu(_bn(train, 'bn1', self.dtype)(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
+    else:
+      x = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.width, 3, 1, 'conv1', self.dtype)(x)))
     stages = {'stem': x}
     for stage, count in enumerate(blocks):
       for i in range(count):
-        stride = 2 if stage > 0 and i == 0 else 1
-        x = block(self.width * 2**stage, stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
+        block_stride = 2 if stage > 0 and i == 0 else 1
+        x = block(self.width * 2**stage, block_stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
       stages[f'layer{stage + 1}'] = x
     return x, stages

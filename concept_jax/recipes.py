@@ -1,6 +1,12 @@
-"""What every config shares: argument parsing and the base recipe (tllib / official Concept-Tuning)."""
+"""What every config shares: argument parsing, the base recipe (tllib / official Concept-Tuning), the
+CPU-sized `tiny` preset. The files in the repository's configs/ directory are thin users of these.
+
+Each method owns its hyper-parameters and their official defaults (`Method.default_config` in
+concept_jax/methods/), so adding a method touches only methods/.
+"""
 import ml_collections
 
+from concept_jax import methods
 from concept_jax.data.pipeline import default_data_config
 
 
@@ -29,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = default_data_config()
   c.image_size = 224
   # source_classes > 0 keeps the pre-trained classifier ('source_head', torchvision's 1000-way fc).
-  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0)
+  # stem: 'imagenet' (torchvision's) or 'small' (3x3 stride-1, no max pool: 32 px images).
+  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0, stem='imagenet')
   # Weights only; '' trains from scratch. reinit: parameters deliberately not loaded.
   c.pretrained = dict(path='', reinit=(r'^head/', r'^front_door/'))
   c.resume = ''  # another run's workdir to continue from (whole state)
@@ -52,33 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def method_config(name: str) -> ml_collections.ConfigDict:
-  """Every hyper-parameter of a method, with the official defaults."""
-  if name == 'erm':
-    # tllib's default training transform: RandomResizedCrop(224) with torchvision's default scale.
-    return ml_collections.ConfigDict(dict(name='erm', image_scale=(0.08, 1.0)))
-  if name == 'concept_tuning':
-    return ml_collections.ConfigDict(dict(
-        name='concept_tuning',
-        queue_size=40,            # K, keys per class
-        temperature=0.07,
-        momentum=0.999,           # key encoder EMA
-        confusing=100,            # confusing classes per sample (CUB recipe: 199)
-        trade_off=1.0,            # image-level contrast weight
-        beta=1.0,                 # concept-level contrast weight
-        ib_weight=1.0,            # CE of the information-bottleneck head
-        infow=5e-3,               # KL weight
-        kl_scale='exp',           # official quirk: KL with exp(std) as the scale; 'std' is the textbook one
-        num_concepts=9,
-        concept_step=0,           # 0: 250 * D / 2048 channels between concept slices
-        channels_per_concept=0,   # 0: 30 * D / 2048
-        patch_size=64,
-        box_anchor='corner',      # official quirk: box centred on the peak cell's top-left corner
-        top_pos=3, top_neg=10,
-        sinkhorn_eps=0.01, sinkhorn_iters=200, sinkhorn_thresh=1e-3,
-        image_scale=(0.2, 1.0),   # views 0, 1
-        patch_scale=(0.5, 1.0),   # views 2, 3
-    ))
-  raise ValueError(f"No method config for {name!r}; known: 'erm', 'concept_tuning'.")
+  """Every hyper-parameter of a method, with its paper's / tllib's defaults."""
+  return methods.get(name).default_config()
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -93,8 +75,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 1
   c.checkpoint_every = 3
   c.optim.milestones = (1,)
-  if c.method.name == 'concept_tuning':
-    c.method.update(queue_size=4, confusing=min(c.method.confusing, 20), patch_size=32)
+  methods.get(c.method.name).shrink(c.method)
   return c
 
 
@@ -104,7 +85,7 @@ DEFAULT_WEIGHTS = 'weights/resnet50-0676ba61.pth'  # torchvision ResNet-50 Image
 def recipe(arg, *, data: str, num_classes: int, edit=None) -> ml_collections.ConfigDict:
   """A fine-grained transfer recipe from the base, `edit(config, args)` applying the data set's changes.
 
-  Arguments every recipe takes: sr (sampling rate 15/30/50/100), method (concept_tuning | erm), seed,
+  Arguments every recipe takes: sr (sampling rate 15/30/50/100), method (any of `methods.names()`), seed,
   tiny (CPU smoke run: synthetic data with the same number of classes, tiny ResNet, no weights).
   """
   a = parse_arg(arg, sr=100, method='concept_tuning', seed=0, tiny=False)
