@@ -59,16 +59,20 @@ def _scale_by_tree(multipliers) -> optax.GradientTransformation:
   return optax.stateless(lambda updates, params: jax.tree.map(lambda u, m: u * m, updates, multipliers))
 
 
-def make_optimizer(config, params, iters_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+def make_optimizer(config, params, iters_per_epoch: int,
+                   rules: dict | None = None) -> tuple[optax.GradientTransformation, Callable]:
   """SGD as torch applies it, with per-path lr multipliers (config.optim.lr_mults: ((regex, mult), ...)).
 
   A multiplier of 0 freezes a parameter (its weight decay is scaled away too, as torch would skip it).
+  rules: a method's own {'lr_mults', 'no_weight_decay'}, matched before config.optim's.
   Returns (transformation, lr schedule).
   """
   o = config.optim
+  rules = rules or {}
   lr = schedule(config, iters_per_epoch)
-  multipliers = tree_by_pattern(params, tuple(o.lr_mults), 1.0)
-  decay_mask = tree_by_pattern(params, tuple((p, False) for p in o.no_weight_decay), True)
+  multipliers = tree_by_pattern(params, tuple(rules.get('lr_mults', ())) + tuple(o.lr_mults), 1.0)
+  exempt = tuple(rules.get('no_weight_decay', ())) + tuple(o.no_weight_decay)
+  decay_mask = tree_by_pattern(params, tuple((p, False) for p in exempt), True)
   tx = optax.chain(
       optax.masked(optax.add_decayed_weights(o.weight_decay), decay_mask),
       optax.trace(decay=o.momentum, nesterov=o.nesterov),

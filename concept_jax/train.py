@@ -22,6 +22,9 @@ from concept_jax.data.normalize import normalize
 from concept_jax.protocols import summarize
 
 
+PREPARED = 'prepared.npz'  # method.prepare's one-time statistics, beside the checkpoints
+
+
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
@@ -72,20 +75,49 @@ def initial_variables(method, config, rng, *, load_pretrained: bool = True) -> d
   return variables
 
 
-def initial_state(method, config, tx, rng, mesh, *, load_pretrained: bool = True) -> dict:
-  """The step-0 state, replicated over the mesh (also the target a resumed checkpoint is read into)."""
+def prepared_statistics(method, config, variables, directory: str) -> dict:
+  """method.prepare's result, read from DIRECTORY/prepared.npz when there, else computed and saved.
+
+  Every process computes it alike over the whole training set (no collectives); process 0 writes it.
+  """
+  path = os.path.join(directory, PREPARED)
+  if os.path.exists(path):
+    with np.load(path) as cached:
+      return dict(cached)
+
+  def batches():
+    for b in pipeline.eval_batches(config.data, 'train', batch_size=config.eval_batch_size,
+                                   image_size=config.image_size):
+      mask = b['mask']
+      yield np.asarray(normalize(b['image'][mask])), b['label'][mask]
+
+  prepared = {k: np.asarray(v) for k, v in method.prepare(variables, batches()).items()}
+  if prepared and jax.process_index() == 0:
+    with open(path + '.tmp', 'wb') as f:  # written whole or not at all, like results.json
+      np.savez(f, **prepared)
+    os.replace(path + '.tmp', path)
+  return prepared
+
+
+def initial_state(method, config, tx, rng, mesh, *, load_pretrained: bool = True,
+                  prepared_dir: str | None = None) -> dict:
+  """The step-0 state, replicated over the mesh (also the target a resumed checkpoint is read into).
+
+  prepared_dir: where method.prepare's result is cached (None: the method's prepare is not run).
+  """
   model_rng, method_rng = jax.random.split(rng)
   variables = initial_variables(method, config, model_rng, load_pretrained=load_pretrained)
+  prepared = {} if prepared_dir is None else prepared_statistics(method, config, variables, prepared_dir)
   state = {
       'step': np.int32(0),
       'params': variables['params'],
       'batch_stats': variables['batch_stats'],
   }
   state = distributed.put_replicated(state, mesh)
-  init_rest = jax.jit(lambda s, r: {'opt': tx.init(s['params']),
-                                    'method': method.init_state(r, s)},
+  init_rest = jax.jit(lambda s, r, p: {'opt': tx.init(s['params']),
+                                       'method': method.init_state(r, s, p)},
                       out_shardings=distributed.replicated(mesh))
-  state.update(init_rest(state, method_rng))
+  state.update(init_rest(state, method_rng, prepared))
   return state
 
 
@@ -171,14 +203,15 @@ def run(config, workdir: str) -> dict:
       lambda r: method.model.init({'params': r, 'sample': r},
                                   jnp.zeros((1, config.image_size, config.image_size, 3)),
                                   train=False)['params'], init_rng)
-  tx, lr_fn = optim.make_optimizer(config, abstract_params, iters)
+  tx, lr_fn = optim.make_optimizer(config, abstract_params, iters, method.optimizer_rules())
 
   # Init or resume.
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
   source = ckpt if ckpt.latest_step() is not None else None
   if source is None and config.resume:
     source = checkpoint.Checkpointer(config.resume, max_to_keep=None)
-  state = initial_state(method, config, tx, init_rng, mesh, load_pretrained=source is None)
+  state = initial_state(method, config, tx, init_rng, mesh, load_pretrained=source is None,
+                        prepared_dir=workdir if source in (None, ckpt) else config.resume)
   history = []
   if source is not None:
     step = source.latest_step()

@@ -232,7 +232,8 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
 
 
 def eval_batches(data_config, split, *, batch_size, image_size, process_index=0, process_count=1):
-  """One pass over split 'test' or 'val', padded; this process's rows of each global batch.
+  """One pass over split 'test', 'val' or 'train' (the sampled training set), padded, with the eval
+  transform; this process's rows of each global batch.
 
   Args:
     batch_size: global batch size (over all processes).
@@ -242,8 +243,8 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
     b = batch_size / process_count; padding rows have mask False, a zero image and label 0.
   """
   tf = common.import_tf()
-  if split not in ('test', 'val'):
-    raise ValueError(f"split must be 'test' or 'val', got {split!r}.")
+  if split not in ('test', 'val', 'train'):
+    raise ValueError(f"split must be 'test', 'val' or 'train', got {split!r}.")
   b = _local_rows(batch_size, process_index, process_count, 'batch_size')
   subset = _select(data_config, split)
   n = len(subset.indices)

@@ -43,9 +43,32 @@ class Method:
   def views(self) -> tuple[ViewSpec, ...]:
     return (ViewSpec(size=self.config.image_size, scale=tuple(self.config.method.image_scale)),)
 
-  def init_state(self, rng, variables) -> dict:
-    """Extra state carried between steps (queues, a key encoder, ...); {} when none."""
-    del rng, variables
+  def prepare(self, variables, batches) -> dict:
+    """One-time statistics computed before step 0 from the starting network and the training data
+    (Co-Tuning's category relationship, DELTA's channel attention); {} when none.
+
+    Args:
+      variables: {'params', 'batch_stats'} of the starting (pre-trained) network, host numpy.
+      batches: one pass over the training set with the eval transform, an iterable of
+        (images (b, H, W, 3) float32 normalised, labels (b,) int32), padding rows removed.
+    Returns a dict of numpy arrays. The trainer caches it in WORKDIR/prepared.npz, reads that back on
+    resume instead of computing it again, and passes it to init_state.
+    """
+    del variables, batches
+    return {}
+
+  def init_state(self, rng, variables, prepared=None) -> dict:
+    """Extra state carried between steps (queues, a key encoder, frozen weights, ...); {} when none.
+
+    variables: the starting {'params', 'batch_stats'}; prepared: what `prepare` returned.
+    """
+    del rng, variables, prepared
+    return {}
+
+  def optimizer_rules(self) -> dict:
+    """Parameter-path rules the method adds in front of config.optim's own (first match wins):
+    {'lr_mults': ((regex, multiplier), ...), 'no_weight_decay': (regex, ...)}. E.g. L2-SP replaces
+    weight decay by its own penalty: {'no_weight_decay': ('.',)}."""
     return {}
 
   def apply(self, params, batch_stats, images, rng, *, train: bool, **kwargs):

@@ -67,7 +67,8 @@ class ConceptTuning(Method):
     patch = ViewSpec(size=size, scale=tuple(m.patch_scale))
     return (image, image, patch, patch)
 
-  def init_state(self, rng, variables) -> dict:
+  def init_state(self, rng, variables, prepared=None) -> dict:
+    del prepared
     m = self.config.method
     return {'key_params': jax.tree.map(jnp.copy, variables['params']),
             'queues': queues.init_queues(rng, self.num_classes, m.queue_size, self.num_classes,
