@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
                  schedule='multistep', milestones=(12, 24), gamma=0.1,
                  lr_mults=((r'^backbone/', 0.1),))
   c.eval_batch_size = 100
+  # {name: data config}: other data sets with the same classes, whose test split is evaluated each
+  # epoch as '<name>_main' etc. (the negative-transfer benchmark's source test with shuffled colours).
+  c.extra_eval = {}
   c.eval_every_epochs = 1
   c.log_every = 50
   c.checkpoint_every = 500

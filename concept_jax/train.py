@@ -163,11 +163,12 @@ def make_eval_step(method, mesh):
                  out_shardings=replicated)
 
 
-def evaluate(eval_step, state, config, split: str, mesh, rng) -> dict:
-  """Top-1 accuracy (%) of every head on a split; every example counted exactly once."""
+def evaluate(eval_step, state, config, split: str, mesh, rng, *, data=None, name=None) -> dict:
+  """Top-1 accuracy (%) of every head on a split of config.data (or of `data`, another data config
+  with the same classes), keyed '<name or split>_<head>'; every example counted exactly once."""
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   correct, count = {}, 0
-  batches = pipeline.eval_batches(config.data, split, batch_size=config.eval_batch_size,
+  batches = pipeline.eval_batches(data or config.data, split, batch_size=config.eval_batch_size,
                                   image_size=config.image_size, process_index=jax.process_index(),
                                   process_count=jax.process_count())
   for i, local in enumerate(batches):
@@ -175,7 +176,7 @@ def evaluate(eval_step, state, config, split: str, mesh, rng) -> dict:
     c, n = jax.device_get((c, n))
     correct = {k: correct.get(k, 0) + int(v) for k, v in c.items()}
     count += int(n)
-  return {f'{split}_{k}': 100.0 * v / max(count, 1) for k, v in correct.items()}
+  return {f'{name or split}_{k}': 100.0 * v / max(count, 1) for k, v in correct.items()}
 
 
 # ---------------------------------------------------------------- the run
@@ -263,6 +264,9 @@ def run(config, workdir: str) -> dict:
         for split in ('test', 'val') if info.num_val else ('test',):
           record.update(evaluate(eval_step, state, config, split, mesh,
                                  jax.random.fold_in(eval_rng, step)))
+        for name, data in config.get('extra_eval', {}).items():
+          record.update(evaluate(eval_step, state, config, 'test', mesh,
+                                 jax.random.fold_in(eval_rng, step), data=data, name=name))
         history.append(record)
         writer.write(step, **record)
         log(f'epoch {record["epoch"]}: ' + ', '.join(f'{k} {v:.2f}' for k, v in record.items()
