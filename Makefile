@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= runs/demo
+DEMO_DIR ?= runs/negative_transfer
 
 .PHONY: demo test bench
 
@@ -17,9 +17,9 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# Finished runs in DEMO_DIR are read back, not trained again (the full benchmark shares the directory).
 demo: $(VENV)/.runtime
-	rm -rf $(DEMO_DIR)
-	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/demo.py --workdir $(DEMO_DIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/negative_transfer.py:demo --workdir $(DEMO_DIR)
 
 test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests

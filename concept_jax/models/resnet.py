@@ -1,4 +1,4 @@
-"""torchvision-layout ResNets (18/34/50/101/152) in Flax Linen, NHWC.
+"""torchvision-layout ResNets (10/18/34/50/101/152) in Flax Linen, NHWC.
 
 The layout matches torchvision exactly so that its ImageNet weights load by a name table
 (`concept_jax.pretrained`): stride on the 3x3 conv of a Bottleneck (ResNet "v1.5"), a 1x1 strided
@@ -15,9 +15,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-# depth -> (block kind, blocks per stage). Depth 0 is a test-only miniature (one block per stage).
+# depth -> (block kind, blocks per stage). ResNet-10 (one BasicBlock per stage) is the small network of
+# the negative-transfer benchmark; depth 0 is the same layout under the name the tests use.
 _LAYOUTS = {
     0: ('basic', (1, 1, 1, 1)),
+    10: ('basic', (1, 1, 1, 1)),
     18: ('basic', (2, 2, 2, 2)),
     34: ('basic', (3, 4, 6, 3)),
     50: ('bottleneck', (3, 4, 6, 3)),
@@ -44,7 +46,7 @@ def layout(depth: int) -> tuple[str, tuple[int, ...]]:
   """('basic' | 'bottleneck', blocks per stage) for a supported depth."""
   if depth not in _LAYOUTS:
     raise ValueError(f'Unsupported ResNet depth {depth}: choose one of {sorted(_LAYOUTS)} '
-                     '(0 is the tiny test-only variant).')
+                     '(0 is ResNet-10 under the name the tests use).')
   return _LAYOUTS[depth]
 
 
@@ -104,7 +106,7 @@ class ResNet(nn.Module):
   """Backbone up to layer4 (no pooling, no fc).
 
   Attributes:
-    depth: 18, 34, 50, 101, 152, or 0 (tiny test-only variant: BasicBlock, one block per stage).
+    depth: 10, 18, 34, 50, 101, 152, or 0 (the tests' name for ResNet-10: one BasicBlock per stage).
     width: channels of the stem and of the first stage's 3x3 convs (torchvision: 64).
     dtype: compute dtype (bfloat16 or float32); parameters are always float32.
     stem: 'imagenet' (torchvision's, total stride 32) or 'small' (3x3 stride-1 conv1, no max pool,
