@@ -30,7 +30,7 @@ def default_data_config():
   """Every data field, with defaults (a demo-sized synthetic set)."""
   return ml_collections.ConfigDict({
       # Short name (cub200, stanford_cars, aircraft[/cropped], flowers102, pets, dtd, caltech101,
-      # cifar10, cifar100, image_folder, digits, synthetic) or any tfds name.
+      # cifar10, cifar100, image_folder, digits, coloured_mnist, synthetic) or any tfds name.
       'name': 'synthetic',
       # Empty strings and tuples mean "not set" (ml_collections cannot override None-typed fields
       # from the command line).
@@ -43,6 +43,24 @@ def default_data_config():
       'classes': (),  # optional list of class ids kept, relabelled 0..n-1 in list order
       'synthetic': {'num_classes': 200, 'train_per_class': 30, 'test_per_class': 29,
                     'image_size': 64, 'noise': 20.0, 'seed': 0},
+      # coloured_mnist: real MNIST digits with a planted feature (builders/coloured_mnist.py). Each
+      # option set is its own tfds config, prepared on first use in about a second.
+      'planted': {
+          # 'source': digits 0-4, 400 train / 100 test per class; 'target': digits 5-9 relabelled
+          # 0-4, a 300-per-class training pool (sampling_rate subsamples it) / 200 test per class.
+          'task': 'source',
+          # Source only: 'spurious' (feature = the class's value with probability p, else one of
+          # the others) or 'clean' (independent of the label). The target is always independent.
+          'variant': 'spurious',
+          # 'stroke' colour, 'background' colour, or 'marker' (a 4x4 square in one of 5 slots).
+          'feature': 'stroke',
+          'p': 0.95,
+          # Class c's colour is palette[c] (names or '#rrggbb'); unused by 'marker'.
+          'palette': ('red', 'green', 'blue', 'yellow', 'magenta'),
+          # Draws the training split's features; test splits are the same for every seed. Set it
+          # to the run seed so that paired runs share colours.
+          'seed': 0,
+      },
   })
 
 

@@ -58,8 +58,12 @@ REGISTRY = {
                                 manual='your folder root, holding train/<class>/*.jpg and '
                                 'test/<class>/*.jpg'),
     'digits': DatasetSpec('sklearn_digits', num_classes=10, name_key='file_name', builder='digits'),
+    # Real MNIST digits with a planted feature (the negative-transfer benchmark); data.planted.
+    'coloured_mnist': DatasetSpec('coloured_mnist', num_classes=5, name_key='file_name',
+                                  builder='coloured_mnist'),
     'synthetic': DatasetSpec(None, builder='synthetic'),
 }
+_OFFLINE = ('digits', 'coloured_mnist')  # builders that prepare themselves on first use
 _NAME_KEYS = ('file_name', 'image/filename', 'image/file_name', 'filename', 'id')
 
 
@@ -90,8 +94,9 @@ def prepare_command(name, data_dir, manual_dir=None):
   return cmd
 
 
-def make_builder(name, data_dir, manual_dir=None):
-  """A tfds builder for a data name (short name, optionally '/config', or any tfds name)."""
+def make_builder(name, data_dir, manual_dir=None, planted=None):
+  """A tfds builder for a data name (short name, optionally '/config', or any tfds name).
+  planted: coloured_mnist's options (data.planted; None: its defaults)."""
   import tensorflow_datasets as tfds
   spec = get_spec(name)
   _, config = split_name(name)
@@ -104,6 +109,10 @@ def make_builder(name, data_dir, manual_dir=None):
   if spec.builder == 'digits':
     from concept_jax.data.builders import digits
     return digits.SklearnDigits(data_dir=data_dir)
+  if spec.builder == 'coloured_mnist':
+    from concept_jax.data.builders import coloured_mnist
+    config = coloured_mnist.builder_config(coloured_mnist.options(planted))
+    return coloured_mnist.ColouredMnist(data_dir=data_dir, config=config)
   if spec.builder == 'image_folder':
     from concept_jax.data.builders import image_folder
     if not manual_dir:
@@ -119,13 +128,14 @@ def make_builder(name, data_dir, manual_dir=None):
                      'data set name.') from e
 
 
-def prepared_builder(name, data_dir, manual_dir=None):
-  """make_builder, checked to be prepared. The offline digits set is prepared on first use; any
-  other unprepared data set raises DataNotPreparedError with the command that prepares it."""
-  builder = make_builder(name, data_dir, manual_dir)
+def prepared_builder(name, data_dir, manual_dir=None, planted=None):
+  """make_builder, checked to be prepared. The offline sets (digits, coloured_mnist) are prepared on
+  first use; any other unprepared data set raises DataNotPreparedError with the command that
+  prepares it."""
+  builder = make_builder(name, data_dir, manual_dir, planted)
   if builder.is_prepared():
     return builder
-  if get_spec(name).builder == 'digits':
+  if get_spec(name).builder in _OFFLINE:
     builder.download_and_prepare()
     return builder
   spec = get_spec(name)
@@ -149,11 +159,11 @@ class Examples:
   split: str
 
 
-def _read_tfds(name, data_dir, manual_dir, split):
+def _read_tfds(name, data_dir, manual_dir, split, planted):
   import tensorflow_datasets as tfds
   common.import_tf()
   spec = get_spec(name)
-  builder = prepared_builder(name, data_dir, manual_dir)
+  builder = prepared_builder(name, data_dir, manual_dir, planted)
   features = builder.info.features
   name_key = spec.name_key or next((k for k in _NAME_KEYS if k in features), None)
   keep = {spec.image_key: True, spec.label_key: True}
@@ -178,13 +188,13 @@ _SYN_KEYS = ('num_classes', 'train_per_class', 'test_per_class', 'image_size', '
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_examples(name, data_dir, manual_dir, split, synthetic_options):
+def _cached_examples(name, data_dir, manual_dir, split, synthetic_options, planted):
   if get_spec(name).builder == 'synthetic':
     labels = synthetic.labels(split, dict(zip(_SYN_KEYS, synthetic_options)))
     names = np.asarray([f'synthetic/{split}/{i:06d}' for i in range(len(labels))], dtype=str)
     class_names = tuple(f'class_{c:03d}' for c in range(synthetic_options[0]))
     return Examples(labels, names, None, class_names, name, split)
-  return _read_tfds(name, data_dir, manual_dir, split)
+  return _read_tfds(name, data_dir, manual_dir, split, planted)
 
 
 def load_examples(data_config, split):
@@ -194,8 +204,12 @@ def load_examples(data_config, split):
   get = lambda k: data_config.get(k, None)
   data_dir = resolve_data_dir(get('data_dir'))
   manual_dir = os.path.abspath(os.path.expanduser(get('manual_dir'))) if get('manual_dir') else None
+  planted = None
+  if get_spec(data_config.name).builder == 'coloured_mnist':
+    from concept_jax.data.builders import coloured_mnist
+    planted = coloured_mnist.options(get('planted'))  # validated and hashable: part of the cache key
   return _cached_examples(data_config.name, data_dir, manual_dir, split,
-                          synthetic.options_tuple(get('synthetic')))
+                          synthetic.options_tuple(get('synthetic')), planted)
 
 
 def clear_cache():
