@@ -14,9 +14,13 @@ from concept_jax.data.views import ViewSpec  # noqa: F401 re-export
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes before its fallback
 
 
-def eval_resize_size(size):
-  """Shorter side before the eval centre crop: 256 for 224, scaled alike for other sizes."""
-  return int(round(size * 256 / 224))
+EVAL_CROP_FRACTION = 224 / 256  # the ImageNet eval transform: Resize(256) + CenterCrop(224)
+
+
+def eval_resize_size(size, crop_fraction=EVAL_CROP_FRACTION):
+  """Shorter side before the eval centre crop: 256 for 224 at the default fraction, scaled alike
+  for other sizes; crop_fraction 1 resizes the shorter side to `size` (no zoom, no border lost)."""
+  return int(round(size / crop_fraction))
 
 
 def view_seed(seed, position, view):
@@ -90,13 +94,13 @@ def train_view(image, spec, seed):
   return _to_uint8(out)
 
 
-def eval_view(image, size):
+def eval_view(image, size, crop_fraction=EVAL_CROP_FRACTION):
   """uint8 image (H, W, 3) -> uint8 (size, size, 3): resize the shorter side to
-  `eval_resize_size(size)` (torchvision Resize(int) arithmetic), then centre crop."""
+  `eval_resize_size(size, crop_fraction)` (torchvision Resize(int) arithmetic), then centre crop."""
   import tensorflow as tf
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
-  short = eval_resize_size(size)
+  short = eval_resize_size(size, crop_fraction)
   # torchvision: the long side becomes int(short * long / short_side) (truncation).
   new_h = tf.where(height <= width, short, (short * height) // width)
   new_w = tf.where(height <= width, (short * width) // height, short)

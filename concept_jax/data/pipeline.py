@@ -41,6 +41,9 @@ def default_data_config():
       'val_fraction': 0.0,  # per-class share of the kept examples held out as 'val'
       'image_list': '',  # a tllib "path label" list fixing the training set (sampling_rate=100)
       'classes': (),  # optional list of class ids kept, relabelled 0..n-1 in list order
+      # Eval transform: resize the shorter side to image_size / this, centre-crop image_size.
+      # 224/256 is the ImageNet recipe; 1.0 keeps small images whole (32 px data at image_size 32).
+      'eval_crop_fraction': augment.EVAL_CROP_FRACTION,
       'synthetic': {'num_classes': 200, 'train_per_class': 30, 'test_per_class': 29,
                     'image_size': 64, 'noise': 20.0, 'seed': 0},
       # coloured_mnist: real MNIST digits with a planted feature (builders/coloured_mnist.py). Each
@@ -255,7 +258,8 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
 
   Args:
     batch_size: global batch size (over all processes).
-    image_size: output size; images get the resize-shorter-side + centre-crop eval transform.
+    image_size: output size; images get the resize-shorter-side + centre-crop eval transform
+      (data_config.eval_crop_fraction).
   Yields (every process the same number of batches, ceil(N / batch_size)):
     {'image': uint8 (b, size, size, 3), 'label': int32 (b,), 'mask': bool (b,)},
     b = batch_size / process_count; padding rows have mask False, a zero image and label 0.
@@ -281,9 +285,13 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
 
   load = _loader(subset, data_config, tf)
   blank = tf.zeros([image_size, image_size, 3], tf.uint8)
+  crop_fraction = float(_get(data_config, 'eval_crop_fraction', augment.EVAL_CROP_FRACTION))
+  if not 0 < crop_fraction <= 1:
+    raise ValueError(f'data_config.eval_crop_fraction must be in (0, 1], got {crop_fraction}.')
 
   def transform(data, index, label, valid):
-    image = tf.cond(valid, lambda: augment.eval_view(load(data, index), image_size), lambda: blank)
+    image = tf.cond(valid, lambda: augment.eval_view(load(data, index), image_size, crop_fraction),
+                    lambda: blank)
     return {'image': image, 'label': label, 'mask': valid}
 
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
