@@ -189,11 +189,12 @@ def builder_config(opts):
   if opts.correlated:
     parts.append(f'p{opts.p:g}'.replace('.', '_'))
   parts.append(f'seed{opts.seed}')
+  # The options that matter, the others at fixed values: equivalent option sets share a config.
   key = dataclasses.replace(opts, variant='clean' if opts.task == 'target' else opts.variant,
                             p=opts.p if opts.correlated else 0.0,
                             palette=() if opts.feature == 'marker' else opts.palette)
   digest = hashlib.sha1(repr(key).encode()).hexdigest()[:8]
-  return PlantedConfig(name='_'.join(parts + [digest]), description=repr(opts), options=opts)
+  return PlantedConfig(name='_'.join(parts + [digest]), description=repr(key), options=opts)
 
 
 class ColouredMnist(tfds.core.GeneratorBasedBuilder):
