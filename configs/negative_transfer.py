@@ -10,6 +10,9 @@ finished runs (the source models above all). Arguments (':key=value,...'; lists 
   rates     target sampling rates in percent (15/30)
   feature   the planted feature: stroke (colour of the digit), background, marker
   p         how often the planted feature agrees with the source label (0.95)
+  variants  Concept-Tuning variants from VARIANTS below ('/'-separated), each its own row: the settings
+            search and the ablations
+  metric    test (the table) or val (the settings search: the held-out validation split)
   demo      seeds=1, rates=15: the embedded default of README's quick start
   fast      a few steps per run (tests)
 
@@ -40,6 +43,14 @@ SOURCE, TARGET = 'source', 'target'
 # gives the search); the recipes' official defaults (configs/cub200.py ...) are untouched.
 CONCEPT_TUNING = dict(queue_size=8, confusing=4, patch_size=16, channels_per_concept=2)
 VIEW_SCALE = (0.5, 1.0)  # RandomResizedCrop area range of every method's views on 32 px digits
+# Changes to CONCEPT_TUNING: candidates of the settings search, and the ablations (each term off).
+VARIANTS = {
+    'trade_off_0.1': dict(trade_off=0.1),
+    'K_16': dict(queue_size=16),
+    'no_image_contrast': dict(trade_off=0.0),
+    'no_concept_contrast': dict(beta=0.0),
+    'no_ib_head': dict(ib_weight=0.0, infow=0.0),
+}
 
 
 def _data(task: str, variant: str, seed: int, a) -> ml_collections.ConfigDict:
@@ -47,6 +58,7 @@ def _data(task: str, variant: str, seed: int, a) -> ml_collections.ConfigDict:
   d.name = 'coloured_mnist'
   d.planted.update(task=task, variant=variant, feature=a.feature, p=a.p, seed=seed)
   d.split_seed = seed
+  d.eval_crop_fraction = 1.0  # evaluate the 32 px digits whole (no 256/224 zoom)
   return d
 
 
@@ -79,9 +91,11 @@ def source(variant: str, seed: int, a) -> ml_collections.ConfigDict:
   return c
 
 
-def fine_tune(method: str, start: str, rate: int, seed: int, a) -> ml_collections.ConfigDict:
+def fine_tune(method: str, start: str, rate: int, seed: int, a, variant: str = '') -> ml_collections.ConfigDict:
   """start: the source run's name ('@' reference) or '' for random weights (scratch)."""
   c = _run(method, seed, steps=300, epochs=4, a=a)
+  if variant:
+    c.method.update(VARIANTS[variant])
   c.data = _data(TARGET, 'clean', seed, a)
   c.data.sampling_rate = rate
   c.data.val_fraction = 0.2
@@ -92,10 +106,16 @@ def fine_tune(method: str, start: str, rate: int, seed: int, a) -> ml_collection
 
 def get_config(arg=None):
   a = recipes.parse_arg(arg, methods='concept_tuning', seeds=5, rates='15/30', feature='stroke',
-                        p=0.95, demo=False, fast=False)
+                        p=0.95, variants='', metric='test', demo=False, fast=False)
   if a.demo:
     a.seeds, a.rates = 1, '15'
-  methods = [m for m in a.methods.split('/') if m and m != 'erm']
+  if a.metric not in ('test', 'val'):
+    raise ValueError(f"metric={a.metric!r}: use 'test' (the table) or 'val' (the settings search).")
+  unknown = [v for v in a.variants.split('/') if v and v not in VARIANTS]
+  if unknown:
+    raise ValueError(f'variants: {unknown} unknown; choose from {sorted(VARIANTS)}.')
+  methods = [(m, '') for m in a.methods.split('/') if m and m != 'erm']
+  methods += [('concept_tuning', v) for v in a.variants.split('/') if v]
   stages, rows, sources = {}, {}, {}
   for seed in range(a.seeds):
     for variant in ('spurious', 'clean'):
@@ -103,13 +123,15 @@ def get_config(arg=None):
       stages[name] = source(variant, seed, a)
       sources[name] = {'row': variant, 'seed': seed}
     for rate in (int(r) for r in a.rates.split('/')):
-      runs = {'ERM from clean': ('erm', f's{seed}_source_clean'),
-              'ERM from spurious': ('erm', f's{seed}_source_spurious'),
-              'scratch': ('erm', '')}
-      runs.update({f'{m} from spurious': (m, f's{seed}_source_spurious') for m in methods})
-      for row, (method, start) in runs.items():
+      runs = {'ERM from clean': ('erm', '', f's{seed}_source_clean'),
+              'ERM from spurious': ('erm', '', f's{seed}_source_spurious'),
+              'scratch': ('erm', '', '')}
+      runs.update({f'{m}{v and f"[{v}]"} from spurious': (m, v, f's{seed}_source_spurious')
+                   for m, v in methods})
+      for row, (method, variant, start) in runs.items():
         name = f's{seed}_sr{rate}_' + row.replace(' from ', '_').replace(' ', '_')
-        stages[name] = fine_tune(method, start, rate, seed, a)
+        name = name.replace('[', '-').replace(']', '')
+        stages[name] = fine_tune(method, start, rate, seed, a, variant)
         rows[name] = {'row': row, 'rate': rate, 'seed': seed}
   c = ml_collections.ConfigDict()
   c.stages = stages
@@ -117,7 +139,7 @@ def get_config(arg=None):
   c.comparison = {
       'runs': rows, 'sources': sources,
       'reference': 'ERM from clean', 'marked': ('ERM from clean', 'scratch'),
-      'metric': 'last.test_main',
+      'metric': f'last.{a.metric}_main',
       'source_metrics': {'source test': 'last.test_main', 'colours shuffled': 'last.shuffled_main'},
   }
   return c
