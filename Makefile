@@ -1,5 +1,6 @@
 # Quick start: `make demo` (the embedded offline experiment) and `make test` (the test suite).
-# Each creates .venv and installs the pinned requirements when they are missing or changed.
+# Each creates .venv, installs the pinned requirements and the package itself (editable: `concept_jax`
+# and the `concept-jax` command point at this checkout) when they are missing or changed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,16 +14,21 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+# The dependencies come from the pins above; pip fetches setuptools to build the editable install.
+$(VENV)/.package: $(VENV)/.runtime pyproject.toml
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.package requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
 # Finished runs in DEMO_DIR are read back, not trained again (the full benchmark shares the directory).
-demo: $(VENV)/.runtime
+demo: $(VENV)/.package
 	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/negative_transfer.py:demo --workdir $(DEMO_DIR)
 
 test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
 
-bench: $(VENV)/.runtime
+bench: $(VENV)/.package
 	$(PY) -m concept_jax.bench

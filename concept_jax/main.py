@@ -1,4 +1,4 @@
-"""python -m concept_jax.main --config configs/NAME.py[:key=value,...] --workdir DIR"""
+"""concept-jax (or python -m concept_jax.main) --config configs/NAME.py[:key=value,...] --workdir DIR"""
 import importlib.util
 import sys
 

@@ -5,11 +5,18 @@ import re
 from tests.conftest import ROOT
 
 
-def test_functional_api_example_runs(capsys):
+def functional_api_example() -> str:
+  """The Python code block of README.md's 'Functional API' section."""
   text = open(os.path.join(ROOT, 'README.md')).read()
   section = text[text.index('## Functional API'):]
-  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
-  exec(compile(code, 'README.md', 'exec'), {})
-  out = capsys.readouterr().out
+  return re.search(r'```python\n(.*?)```', section, re.S).group(1)
+
+
+def check_example_output(out: str):
   assert 'image-level loss' in out
   assert "'concept_contrast'" in out and 'nan' not in out
+
+
+def test_functional_api_example_runs(capsys):
+  exec(compile(functional_api_example(), 'README.md', 'exec'), {})
+  check_example_output(capsys.readouterr().out)
