@@ -8,7 +8,6 @@ concept_jax itself must come from the wheel. About 40 s on 2 cores.
 """
 import os
 import shutil
-import site
 import subprocess
 import sys
 import zipfile
@@ -47,8 +46,10 @@ def installed(tmp_path_factory):
   python = str(tmp / 'venv' / 'bin' / 'python')
   _run(sys.executable, '-m', 'pip', '--python', python, 'install', '-q', '--no-deps', '--no-index', wheel)
   purelib = _run(python, '-c', 'import sysconfig; print(sysconfig.get_path("purelib"))').strip()
+  # The test environment's package folders (those a .pth of its own may add included), not the checkout.
+  packages = [p for p in sys.path if os.path.basename(p) in ('site-packages', 'dist-packages')]
   with open(os.path.join(purelib, 'test_environment.pth'), 'w') as f:
-    f.write('\n'.join(site.getsitepackages()) + '\n')
+    f.write('\n'.join(packages) + '\n')
   env = subprocess_env()
   del env['PYTHONPATH']  # nothing from the checkout
   os.makedirs(tmp / 'cwd')
