@@ -4,7 +4,8 @@ outside it, used from another directory (the README's functional API, the `conce
 The wheel is built without build isolation (setuptools is pinned in requirements-test.txt), so the test
 needs no network. The fresh environment gets only the wheel (`--no-deps`): a .pth file puts the test
 environment's site-packages after its own, so jax and TensorFlow are not installed again, while
-concept_jax itself must come from the wheel. About 40 s on 2 cores.
+concept_jax itself must come from the wheel. About 40 s of CPU time (a cold compile cache), mostly the
+functional-API example and the one-step run in their own processes.
 """
 import os
 import shutil
