@@ -2,34 +2,100 @@
 
 A config with `stages` (a dict of full configs) and `stage_order` runs each stage in WORKDIR/<stage>;
 a stage whose pretrained.path is '@NAME' starts from stage NAME's final checkpoint. A finished stage is
-skipped on a rerun (its results.json is read back), an interrupted one resumes.
+skipped on a rerun (its results.json is read back), an interrupted one resumes. Before each stage a
+progress line gives its place in the order, the time so far and an estimate of the time left.
 """
 import json
 import os
+import time
 
 from concept_jax import train
 
 
-def run(config, workdir: str) -> list[dict]:
-  """Runs config (or its stages); prints and returns one summary per run."""
+def run(config, workdir: str, runner=train.run) -> list[dict]:
+  """Runs config (or its stages); prints and returns one summary per run.
+
+  runner(config, workdir) -> summary trains one run (train.run; tests pass a fake).
+  """
   if 'stages' not in config:
-    summaries = [train.run(config, workdir)]
+    summaries = [runner(config, workdir)]
   else:
-    summaries = [dict(_run_stage(config.stages[name], os.path.join(workdir, name), workdir), run=name)
-                 for name in config.stage_order]
+    summaries = run_stages(config, workdir, runner)
   train.log(results_table(summaries))
   return summaries
 
 
-def _run_stage(stage, stage_dir: str, workdir: str) -> dict:
-  results = os.path.join(stage_dir, 'results.json')
-  if os.path.exists(results):
-    with open(results) as f:
-      return json.load(f)
-  if stage.pretrained.path.startswith('@'):
-    stage = stage.copy_and_resolve_references()
-    stage.pretrained.path = os.path.join(workdir, stage.pretrained.path[1:])
-  return train.run(stage, stage_dir)
+def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
+  """Runs config.stage_order one by one, each in WORKDIR/<stage>; one summary per stage reached,
+  each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun resumes it)."""
+  order = tuple(config.stage_order)
+  unknown = [name for name in order if name not in config.stages]
+  if unknown:
+    raise ValueError(f'stage_order names {unknown}, which are not in config.stages '
+                     f'({sorted(config.stages)}).')
+  start, timed, summaries = time.perf_counter(), [], []
+  for i, name in enumerate(order, 1):
+    stage, stage_dir = config.stages[name], os.path.join(workdir, name)
+    summary = read_results(stage_dir)
+    if summary is not None:
+      train.log(f'[{i}/{len(order)}] {name}: finished earlier, results.json read back')
+    else:
+      todo = [_work(config.stages[n]) for n in order[i - 1:]
+              if not os.path.exists(os.path.join(workdir, n, 'results.json'))]
+      train.log(f'[{i}/{len(order)}] {name} ... ({progress(time.perf_counter() - start, timed, todo)})')
+      t = time.perf_counter()
+      summary = runner(_resolve_references(stage, workdir), stage_dir)
+      timed.append((*_work(stage), time.perf_counter() - t))
+    summaries.append(dict(summary, run=name))
+    if 'preempted_at' in summary:
+      train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
+      break
+  return summaries
+
+
+def read_results(run_dir: str) -> dict | None:
+  """A finished run's summary (RUN_DIR/results.json), or None while the run is not finished."""
+  path = os.path.join(run_dir, 'results.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _resolve_references(stage, workdir: str):
+  if not stage.pretrained.path.startswith('@'):
+    return stage
+  stage = stage.copy_and_resolve_references()
+  stage.pretrained.path = os.path.join(workdir, stage.pretrained.path[1:])
+  return stage
+
+
+def _work(stage) -> tuple[str, int]:
+  """(method name, training steps) of a stage: what its duration is estimated from."""
+  return stage.method.name, stage.epochs * stage.iters_per_epoch
+
+
+def progress(elapsed: float, timed: list[tuple[str, int, float]], todo: list[tuple[str, int]]) -> str:
+  """'elapsed 12m03s, ETA 31m40s from 6 finished runs'.
+
+  The estimate: the seconds per step of the runs timed so far in this command ((method, steps,
+  seconds)), per method where that method has been timed (a Concept-Tuning step costs several ERM
+  steps), times the steps of the runs still to do ((method, steps), the current one included).
+  """
+  text = f'elapsed {_duration(elapsed)}'
+  if not timed:
+    return text + ', ETA after the first finished run'
+  per_step = lambda rows: sum(r[2] for r in rows) / max(sum(r[1] for r in rows), 1)
+  overall = per_step(timed)
+  rate = {m: per_step([r for r in timed if r[0] == m]) for m, _, _ in timed}
+  left = sum(steps * rate.get(method, overall) for method, steps in todo)
+  return f'{text}, ETA {_duration(left)} from {len(timed)} finished run{"s" * (len(timed) > 1)}'
+
+
+def _duration(seconds: float) -> str:
+  minutes, s = divmod(int(round(seconds)), 60)
+  hours, m = divmod(minutes, 60)
+  return f'{hours}h{m:02d}m' if hours else f'{m}m{s:02d}s' if m else f'{s}s'
 
 
 def results_table(summaries: list[dict]) -> str:

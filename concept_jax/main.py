@@ -1,11 +1,15 @@
-"""concept-jax (or python -m concept_jax.main) --config configs/NAME.py[:key=value,...] --workdir DIR"""
+"""concept-jax (or python -m concept_jax.main) --config configs/NAME.py[:key=value,...] --workdir DIR
+
+One run, a stages config (concept_jax/experiment.py) or a comparison (concept_jax/compare.py).
+"""
+import functools
 import importlib.util
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from concept_jax import distributed, experiment
+from concept_jax import compare, distributed, experiment
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with optional :key=value arguments.',
                                           lock_config=True)
@@ -48,7 +52,14 @@ def config_errors(argv: list[str]) -> str:
   return ''
 
 
-def main(argv):
+def run(config, workdir: str):
+  """A comparison config (a `comparison` field) -> compare.run; else experiment.run."""
+  if 'comparison' in config:
+    return compare.run(config, workdir)
+  return experiment.run(config, workdir)
+
+
+def main(argv, run=run):
   del argv
   verbose = flags.FLAGS['verbosity'].present
   if not verbose:
@@ -56,18 +67,19 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
     if verbose:
       raise
     sys.exit(f'concept_jax: error: {e}\n(rerun with --verbosity=1 for the traceback)')
 
 
-def cli():
+def cli(run=run):
+  """The command line; run(config, workdir) is what it calls (python -m concept_jax.compare: compare.run)."""
   problem = config_errors(sys.argv[1:])
   if problem:
     sys.exit(f'concept_jax: error: {problem}')
-  app.run(main)
+  app.run(functools.partial(main, run=run))
 
 
 if __name__ == '__main__':
