@@ -97,6 +97,12 @@ def load_state(path: str) -> dict:
     return jax.device_get(checkpointer.restore(state_dir, target))
 
 
+def load_meta(path: str) -> dict:
+  """The meta saved with the latest checkpoint under `path`: {'step', 'history', 'config' (a dict)}."""
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(os.path.join(_step_directory(path), 'meta'))
+
+
 def load_variables(path: str) -> dict:
   """{'params', 'batch_stats'} (numpy, host memory) of the Classifier saved in a project checkpoint."""
   state = load_state(path)
