@@ -82,8 +82,11 @@ def check(config) -> dict:
   repeated = sorted({cell for cell in cells if cells.count(cell) > 1})
   if repeated:
     raise ValueError(f'config.comparison.runs has several runs for (row, rate, seed) {repeated}.')
-  # ConfigDict keeps its keys sorted, so the default row order follows stage_order instead.
-  rows = list(dict.fromkeys(c['runs'][n]['row'] for n in config.stage_order if n in c['runs']))
+  # A ConfigDict keeps its keys sorted; runs and sources (and so the default row order) follow
+  # stage_order instead.
+  for field in ('runs', 'sources'):
+    c[field] = {n: c[field][n] for n in config.stage_order if n in c[field]}
+  rows = list(dict.fromkeys(r['row'] for r in c['runs'].values()))
   if c['rows'] and sorted(c['rows']) != sorted(rows):
     raise ValueError(f'config.comparison.rows {list(c["rows"])} must list the rows of runs once each: '
                      f'{rows}.')
