@@ -12,22 +12,23 @@ import time
 from concept_jax import train
 
 
-def run(config, workdir: str, runner=train.run) -> list[dict]:
-  """Runs config (or its stages); prints and returns one summary per run.
-
-  runner(config, workdir) -> summary trains one run (train.run; tests pass a fake).
-  """
+def run(config, workdir: str) -> list[dict]:
+  """Runs config (or its stages); prints and returns one summary per run."""
   if 'stages' not in config:
-    summaries = [runner(config, workdir)]
+    summaries = [train.run(config, workdir)]
   else:
-    summaries = run_stages(config, workdir, runner)
+    summaries = run_stages(config, workdir)
   train.log(results_table(summaries))
   return summaries
 
 
 def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
   """Runs config.stage_order one by one, each in WORKDIR/<stage>; one summary per stage reached,
-  each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun resumes it)."""
+  each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun resumes it).
+
+  runner(config, run_dir) -> summary trains one run and writes RUN_DIR/results.json (train.run; tests
+  pass a fake).
+  """
   order = tuple(config.stage_order)
   unknown = [name for name in order if name not in config.stages]
   if unknown:
