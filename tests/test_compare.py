@@ -234,6 +234,20 @@ def test_bad_comparison_configs_are_named(edit, message):
     compare.check(config)
 
 
+def test_source_columns_given_as_pairs_keep_their_order():
+  config = comparison_config()
+  comparison = config.comparison.to_dict()
+  comparison['source_metrics'] = (('source test', 'last.test_main'), ('colours shuffled', 'last.shuffled_main'))
+  del config['comparison']
+  config.comparison = comparison
+  checked = compare.check(config)
+  results = {n: fake_summary(n, r['seed']) for n, r in checked['sources'].items()}
+  records, _ = compare.collect(checked, results)
+  md = compare.markdown({}, compare.source_table(records, checked), [], checked)
+  assert '| source | source test | colours shuffled |\n' in md
+  assert '| spurious | 98.0 +- 1.0 | 50.0 +- 10.0 |' in md
+
+
 def test_eta_uses_each_methods_seconds_per_step():
   assert 'ETA after the first finished run' in experiment.progress(5, [], [('erm', 10)])
   timed = [('erm', 100, 10.0), ('concept_tuning', 100, 50.0)]
@@ -273,3 +287,4 @@ def test_compare_command_line_and_main_dispatch(tmp_path, capsys):
   assert done.returncode == 0, done.stderr[-3000:]
   assert '[2/2] smooth: finished earlier' in done.stdout and 'step 1/' not in done.stdout
   assert out[out.index('`last.test_main`'):] in done.stdout
+
