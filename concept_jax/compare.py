@@ -18,7 +18,9 @@ results.json, interrupted ones resume, so repeating the command finishes a parti
   marked     optional rows that are references rather than methods (e.g. ('ERM from clean',
              'scratch')): the chart draws them grey and hatched; `reference` is its line at 0.
   baseline   optional row the sentence measures the methods (rows neither marked nor reference)
-             against, e.g. 'ERM from spurious': "... recovers X of its points".
+             against, paired per seed, e.g. 'ERM from spurious': "At 15% (5 seeds), ERM from spurious
+             is 8.1 +- 2.5 points below ERM from clean, and <method> is 3.0 +- 1.9 points above ERM
+             from spurious; ...". Without it the sentence lists every row's gap to the reference.
   sources    optional {run name: {'row': 'spurious', 'seed': 0}}: runs with a diagnostics table of
   source_metrics  {column name: dotted path}, e.g. {'source test': 'last.test_main'} (columns
              in name order, as a ConfigDict keeps them), or ((column name, path), ...) in column order.
