@@ -138,8 +138,9 @@ def get_config(arg=None):
   c.stage_order = tuple(stages)
   c.comparison = {
       'runs': rows, 'sources': sources,
-      'reference': 'ERM from clean', 'marked': ('ERM from clean', 'scratch'),
+      'reference': 'ERM from clean', 'baseline': 'ERM from spurious',
+      'marked': ('ERM from clean', 'scratch'),
       'metric': f'last.{a.metric}_main',
-      'source_metrics': {'source test': 'last.test_main', 'colours shuffled': 'last.shuffled_main'},
+      'source_metrics': (('source test', 'last.test_main'), ('colours shuffled', 'last.shuffled_main')),
   }
   return c
