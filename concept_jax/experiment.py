@@ -2,8 +2,11 @@
 
 A config with `stages` (a dict of full configs) and `stage_order` runs each stage in WORKDIR/<stage>;
 a stage whose pretrained.path is '@NAME' starts from stage NAME's final checkpoint. A finished stage is
-skipped on a rerun (its results.json is read back), an interrupted one resumes. Before each stage a
-progress line gives its place in the order, the time so far and an estimate of the time left.
+skipped on a rerun (its results.json is read back), an interrupted one resumes. A stage directory
+remembers the config it was started with (WORKDIR/<stage>/stage_config.json): a stage whose config
+has changed since is refused rather than read back, so a table never mixes old settings with new ones.
+Before each stage a progress line gives its place in the order, the time so far and an estimate of
+the time left.
 """
 import json
 import os
@@ -37,6 +40,7 @@ def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
   start, timed, summaries = time.perf_counter(), [], []
   for i, name in enumerate(order, 1):
     stage, stage_dir = config.stages[name], os.path.join(workdir, name)
+    check_stage_config(stage, stage_dir)
     summary = read_results(stage_dir)
     if summary is not None:
       train.log(f'[{i}/{len(order)}] {name}: finished earlier, results.json read back')
@@ -52,6 +56,38 @@ def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
       train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
       break
   return summaries
+
+
+STAGE_CONFIG = 'stage_config.json'
+
+
+def check_stage_config(stage, stage_dir: str) -> None:
+  """Records the stage's config in a new stage directory; ValueError if an existing one was made with
+  another config (naming the first field that differs). Directories from before this record are
+  accepted as they are."""
+  wanted = json.loads(json.dumps(stage.to_dict()))  # tuples -> lists, as the file holds them
+  path = os.path.join(stage_dir, STAGE_CONFIG)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != wanted:
+      field, old, new = _first_difference(saved, wanted)
+      raise ValueError(f'{stage_dir} holds a run made with another config ({field}: {old!r} there, '
+                       f'{new!r} now). Delete that directory to run it again, or use another --workdir.')
+  elif not os.path.exists(os.path.join(stage_dir, 'results.json')):
+    os.makedirs(stage_dir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(wanted, f, indent=1)
+    os.replace(path + '.tmp', path)
+
+
+def _first_difference(a, b, prefix=''):
+  """(dotted field, value in a, value in b) of the first difference between two JSON trees."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      if a.get(key, '<absent>') != b.get(key, '<absent>'):
+        return _first_difference(a.get(key, '<absent>'), b.get(key, '<absent>'), f'{prefix}{key}.')
+  return prefix.rstrip('.'), a, b
 
 
 def read_results(run_dir: str) -> dict | None:

@@ -122,6 +122,21 @@ def test_a_partial_comparison_resumes_with_only_the_missing_runs(tmp_path, capsy
   assert third.calls == []
 
 
+def test_a_run_made_with_other_settings_is_refused_not_read_back(tmp_path):
+  config = comparison_config()
+  compare.run(config, str(tmp_path), runner=FakeRunner())
+  changed = comparison_config()
+  name = _name('ct', 30, 1)
+  changed.stages[name].method.beta = 0.5
+  with pytest.raises(ValueError, match=rf'{name} holds a run made with another config '
+                                       r'\(method.beta: 1.0 there, 0.5 now\)'):
+    compare.run(changed, str(tmp_path), runner=FakeRunner())
+  # The unchanged comparison still reads every run back.
+  again = FakeRunner()
+  compare.run(config, str(tmp_path), runner=again)
+  assert again.calls == []
+
+
 def test_files_written_and_printed(tmp_path, capsys):
   config = comparison_config()
   report = compare.run(config, str(tmp_path), runner=FakeRunner())
