@@ -45,6 +45,9 @@ CONCEPT_TUNING = dict(queue_size=8, confusing=4, patch_size=16, channels_per_con
 VIEW_SCALE = (0.5, 1.0)  # RandomResizedCrop area range of every method's views on 32 px digits
 # Changes to CONCEPT_TUNING: candidates of the settings search, and the ablations (each term off).
 VARIANTS = {
+    # The key encoder's EMA time constant, 1 / (1 - m), is 1,000 steps at the official 0.999 (set for
+    # 20,000-step recipes): over 300 steps the keys would barely leave the random-head start.
+    'momentum_0.99': dict(momentum=0.99),
     'trade_off_0.1': dict(trade_off=0.1),
     'K_16': dict(queue_size=16),
     'no_image_contrast': dict(trade_off=0.0),
