@@ -133,7 +133,7 @@ def get_config(arg=None):
                    for m, v in methods})
       for row, (method, variant, start) in runs.items():
         name = f's{seed}_sr{rate}_' + row.replace(' from ', '_').replace(' ', '_')
-        name = name.replace('[', '-').replace(']', '')
+        name = name.replace('[', '-').replace(']', '').replace('.', 'p')  # ConfigDict keys: no dots
         stages[name] = fine_tune(method, start, rate, seed, a, variant)
         rows[name] = {'row': row, 'rate': rate, 'seed': seed}
   c = ml_collections.ConfigDict()
