@@ -1,5 +1,6 @@
 """Helpers shared by our tfds builders: TF without GPUs, image validation with readable errors."""
 import io
+import logging
 import os
 
 # Formats stored as they are; anything else (or an unusual colour mode) is re-encoded as PNG so that
@@ -16,8 +17,24 @@ class DataNotPreparedError(FileNotFoundError):
   """Raised when a data set has not been prepared; the message gives the prepare command."""
 
 
+# tfds warnings that our own builders cause by design, on every run: builder configs made from options
+# (coloured_mnist, image_folder) and tfds's own use of a deprecated field. They would bury the progress.
+_TFDS_NOISE = ('Using custom data configuration', '`FeatureConnector.dtype` is deprecated')
+
+
+class _DropTfdsNoise(logging.Filter):
+
+  def filter(self, record):
+    return not any(n in str(record.msg) for n in _TFDS_NOISE)
+
+
 def import_tf():
-  """Imports TensorFlow and hides every GPU from it (the accelerators belong to JAX)."""
+  """Imports TensorFlow and hides every GPU from it (the accelerators belong to JAX); hides TF's C++
+  INFO lines (oneDNN notices) and the tfds warnings in _TFDS_NOISE."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _DropTfdsNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropTfdsNoise())
   import tensorflow as tf
   try:
     tf.config.set_visible_devices([], 'GPU')
