@@ -10,12 +10,13 @@ from concept_jax import experiment, protocols
 # - official: max over epochs of max(main, IB) on test -> 62, tied at epochs 3 and 4 (the IB head);
 # - held-out: best main-head val -> 45, tied at epochs 2 and 3; the IB head's best val (70, epoch 1)
 #   and its better test accuracy at epoch 2 (61) must not be used;
-# - last: the main head's test accuracy after epoch 4, not the IB head's.
+# - last: epoch 4's record; the table shows its main head's test accuracy, not the IB head's;
+# - an extra evaluation set ('sketch', better than every test accuracy) is never selected on.
 HISTORY = [
-    {'epoch': 1, 'test_main': 50.0, 'test_ib': 55.0, 'val_main': 40.0, 'val_ib': 70.0},
-    {'epoch': 2, 'test_main': 60.0, 'test_ib': 61.0, 'val_main': 45.0, 'val_ib': 30.0},
-    {'epoch': 3, 'test_main': 58.0, 'test_ib': 62.0, 'val_main': 45.0, 'val_ib': 50.0},
-    {'epoch': 4, 'test_main': 57.0, 'test_ib': 62.0, 'val_main': 44.0, 'val_ib': 50.0},
+    {'epoch': 1, 'test_main': 50.0, 'test_ib': 55.0, 'val_main': 40.0, 'val_ib': 70.0, 'sketch_main': 90.0},
+    {'epoch': 2, 'test_main': 60.0, 'test_ib': 61.0, 'val_main': 45.0, 'val_ib': 30.0, 'sketch_main': 80.0},
+    {'epoch': 3, 'test_main': 58.0, 'test_ib': 62.0, 'val_main': 45.0, 'val_ib': 50.0, 'sketch_main': 85.0},
+    {'epoch': 4, 'test_main': 57.0, 'test_ib': 62.0, 'val_main': 44.0, 'val_ib': 50.0, 'sketch_main': 88.0},
 ]
 
 
