@@ -1,10 +1,11 @@
-"""The two reporting protocols, computed from the per-epoch evaluation history.
+"""The reporting protocols, computed from the per-epoch evaluation history.
 
 official: what the official script prints -- the best epoch's max(main head, IB head) top-1, both chosen
   on the test set (optimistic; the IB head samples noise at evaluation, so the max is itself random).
 held_out: the epoch with the best main-head accuracy on the validation split held out of the training
   set, and the main head's test accuracy at that epoch (an honest model-selection estimate).
 last: the last epoch's record, every evaluated split and head (a fixed budget, no selection at all).
+Ties go to the earliest epoch, as the official loop keeps its first best checkpoint.
 """
 
 

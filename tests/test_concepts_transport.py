@@ -140,10 +140,28 @@ def test_positive_draws_among_top3():
 
 
 def test_set_similarity_group_axes():
-  rng = np.random.default_rng(7)
+  # Two stopping groups of 5 problems: y scaled by 0.3 makes group 0's plans flat (it stops after
+  # 34 iterations), by 2 makes group 1's peaked (127). One call over all 10 (group_ndim=0) runs
+  # group 0 to 106 iterations and selects other top-10 entries in one of its problems (and in one
+  # of group 1's); every selection here rests on a log-plan gap > 0.01 at its stopping iteration.
+  rng = np.random.default_rng(6)
   x, y = unit(rng, (2, 5, 9, 6)), unit(rng, (2, 5, 9, 6))
+  y[0] *= 0.3
+  y[1] *= 2.0
+  dots = np.einsum('gpnd,gpmd->gpnm', x, y).reshape(10, 81)       # 1 - M
   grouped = transport.set_similarity(x, y, positive=False, group_ndim=1)
-  assert grouped.shape == (2, 5, 10)
-  for g in range(2):
-    alone = transport.set_similarity(x[g], y[g], positive=False)
-    np.testing.assert_array_equal(grouped[g], alone)
+  single = transport.set_similarity(x, y, positive=False)
+  assert grouped.shape == single.shape == (2, 5, 10)
+
+  def top10(problems):
+    """Sorted similarities at the top-10 entries of one official Sinkhorn call over `problems`."""
+    plans, _ = np_sinkhorn(1 - dots[problems].reshape(-1, 9, 9))
+    top = np.argsort(-plans.reshape(len(problems), -1), axis=1, kind='stable')[:, :10]
+    return np.sort(np.take_along_axis(dots[problems], top, axis=1), axis=1)
+
+  # Entries tie at float precision within the top 9, so selections are compared as sets.
+  per_group = np.concatenate([top10(np.arange(5)), top10(np.arange(5, 10))])
+  np.testing.assert_allclose(np.sort(grouped, -1).reshape(10, 10), per_group, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.sort(single, -1).reshape(10, 10), top10(np.arange(10)), rtol=1e-5,
+                             atol=1e-6)
+  assert np.abs(np.sort(grouped, -1) - np.sort(single, -1)).max() > 1e-3   # grouping changes the result

@@ -1,4 +1,6 @@
 """Shapes, names, dtypes and BN behaviour of the ResNet backbones and the Classifier."""
+from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,19 +81,45 @@ def test_heads_false_returns_backbone_only(tiny):
   assert set(out) == {'feature_map', 'features', 'stages'}
 
 
-def test_batch_stats_update_in_train_only(tiny):
+def _apply_capturing(model, variables, images, train, capture):
+  """model.apply that also returns the outputs of the modules `capture(module)` selects, by path."""
+  out, state = model.apply(variables, images, train=train, rngs={'sample': jax.random.key(3)},
+                           mutable=['batch_stats', 'intermediates'],
+                           capture_intermediates=lambda module, _: capture(module))
+  captured = {path[:-1]: value[0] for path, value in
+              traverse_util.flatten_dict(state.get('intermediates', {})).items()}
+  return out, state['batch_stats'], captured
+
+
+def test_running_statistics_after_a_train_step(tiny):
+  """Every BatchNorm: new = 0.9 old + 0.1 batch statistic (torch's momentum 0.1), where the variance is
+  the biased batch variance. That is Flax's rule; torch's running_var takes the unbiased one, n / (n - 1)
+  larger (n = B H W per channel; README's quirks table). The normalisation itself uses the biased
+  variance in both."""
   model, images, variables = tiny
-  rngs = {'sample': jax.random.key(3)}
-  _, new = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
-  old_mean = variables['batch_stats']['backbone']['bn1']['mean']
-  new_mean = new['batch_stats']['backbone']['bn1']['mean']
-  assert not np.allclose(old_mean, new_mean)
-  # Flax momentum 0.9 == torch momentum 0.1: new = 0.9 * old + 0.1 * batch mean.
-  _, fresh = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
-  np.testing.assert_allclose(fresh['batch_stats']['backbone']['bn1']['mean'], new_mean)
-  # train mode normalises with batch statistics: outputs differ from eval mode.
-  eval_out = model.apply(variables, images, rngs=rngs)
-  train_out, _ = model.apply(variables, images, train=True, rngs=rngs, mutable=['batch_stats'])
+  rng = np.random.default_rng(0)
+  old = jax.tree_util.tree_map_with_path(
+      lambda path, v: (rng.uniform(0.5, 2.0, v.shape) if path[-1].key == 'var' else
+                       rng.normal(0, 0.5, v.shape)).astype(np.float32), variables['batch_stats'])
+  variables = {**variables, 'batch_stats': old}
+  _, new, conv_out = _apply_capturing(model, variables, images, True, lambda m: isinstance(m, nn.Conv))
+  new, old = traverse_util.flatten_dict(new), traverse_util.flatten_dict(old)
+  checked = set()
+  for path, x in conv_out.items():      # a BatchNorm reads its conv's output: conv1 -> bn1, ...
+    bn = path[:-1] + (path[-1].replace('conv', 'bn'),)
+    if bn + ('mean',) not in new:
+      continue                          # the front door's convolutions have no BatchNorm
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(new[bn + ('mean',)], 0.9 * old[bn + ('mean',)] + 0.1 * x.mean(0),
+                               rtol=1e-5, atol=1e-6, err_msg=str(bn))
+    np.testing.assert_allclose(new[bn + ('var',)], 0.9 * old[bn + ('var',)] + 0.1 * x.var(0),
+                               rtol=1e-5, err_msg=str(bn))
+    checked.add(bn)
+  assert len(checked) == len(new) // 2 == 12     # every BatchNorm; layer4's map is 2x2, so n = 8
+  # Evaluation reads the running statistics and leaves them alone.
+  eval_out, kept, _ = _apply_capturing(model, variables, images, False, lambda m: False)
+  jax.tree.map(np.testing.assert_array_equal, traverse_util.flatten_dict(kept), old)
+  train_out, _, _ = _apply_capturing(model, variables, images, True, lambda m: False)
   assert not np.allclose(eval_out['features'], train_out['features'])
 
 
@@ -138,10 +166,15 @@ def test_width_scales_channels():
     resnet.feature_dim(20)
 
 
-def test_maxpool_pads_with_minus_infinity():
-  # All-negative stem activations are impossible after ReLU, but the pool must not see zeros either:
-  # check the padded max pool directly on negative inputs.
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  x = -jnp.ones((1, 4, 4, 1))
-  y = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_array_equal(y, -1.0)
+def test_stem_max_pool_uses_torchs_windows(tiny):
+  """The stem's pool is torch's MaxPool2d(3, 2, padding=1): output (i, j) is the max over the rows
+  2i-1..2i+1 and columns 2j-1..2j+1 that exist. Flax's padding='SAME' would pad (0, 1) and shift every
+  window by a pixel. (Its -inf padding cannot show: the pool reads ReLU outputs, never below 0.)"""
+  model, images, variables = tiny
+  out, _, captured = _apply_capturing(model, variables, images, False,
+                                      lambda m: isinstance(m, nn.BatchNorm) and m.name == 'bn1')
+  x = np.maximum(np.asarray(captured[('backbone', 'bn1')]), 0)     # (2, 32, 32, C) after the ReLU
+  size = (x.shape[1] - 1) // 2 + 1
+  expected = np.stack([np.stack([x[:, max(2 * i - 1, 0):2 * i + 2, max(2 * j - 1, 0):2 * j + 2].max((1, 2))
+                                 for j in range(size)], 1) for i in range(size)], 1)
+  np.testing.assert_array_equal(out['stages']['stem'], expected)

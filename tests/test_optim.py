@@ -3,6 +3,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 import ml_collections
 import numpy as np
 import optax
@@ -47,10 +48,11 @@ def test_multipliers_by_path():
 def _torch_sgd_reference(params, grads_seq, lrs, mults, wd=5e-4, momentum=0.9):
   """torch.optim.SGD(nesterov=True) step by step in numpy, one lr per parameter group."""
   params = {k: v.copy() for k, v in params.items()}
+  wd = wd if isinstance(wd, dict) else dict.fromkeys(params, wd)   # per-group decay, like torch's groups
   bufs = {}
   for grads, lr in zip(grads_seq, lrs):
     for k in params:
-      g = grads[k] + wd * params[k]
+      g = grads[k] + wd[k] * params[k]
       bufs[k] = g.copy() if k not in bufs else momentum * bufs[k] + g
       g = g + momentum * bufs[k]
       params[k] = params[k] - lr * mults[k] * g
@@ -74,6 +76,36 @@ def test_sgd_matches_torch_update_rule():
                                   {'backbone/kernel': 0.1, 'head/kernel': 1.0})
   for k in params:
     np.testing.assert_allclose(np.asarray(p[k]), expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_no_weight_decay_patterns_rules_and_a_zero_multiplier():
+  """Decay exemptions by pattern, a frozen parameter (multiplier 0) and a method's rules matched first,
+  against torch's update with one parameter group per distinct (lr multiplier, weight decay)."""
+  rng = np.random.default_rng(2)
+  shapes = {'backbone/conv1/kernel': (3, 3, 2, 4), 'backbone/bn1/scale': (4,), 'backbone/bn1/bias': (4,),
+            'backbone/layer1_0/conv1/kernel': (3, 3, 4, 4), 'head/kernel': (4, 5), 'head/bias': (5,)}
+  flat = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  params = traverse_util.unflatten_dict(flat, sep='/')
+  grads_seq = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(8)]
+  config = _config(lr_mults=((r'^backbone/conv1/', 0.0), (r'^backbone/', 0.1)))
+  config.optim.no_weight_decay = (r'/bn\d*/', r'/bias$')
+  # A method's rules come first: 0.5 for layer1 although config's '^backbone/' (0.1) matches it too.
+  rules = {'lr_mults': ((r'^backbone/layer1_', 0.5),), 'no_weight_decay': (r'^head/kernel$',)}
+  mults = {'backbone/conv1/kernel': 0.0, 'backbone/bn1/scale': 0.1, 'backbone/bn1/bias': 0.1,
+           'backbone/layer1_0/conv1/kernel': 0.5, 'head/kernel': 1.0, 'head/bias': 1.0}
+  decay = {k: 5e-4 if k in ('backbone/conv1/kernel', 'backbone/layer1_0/conv1/kernel') else 0.0
+           for k in shapes}
+  tx, lr = optim.make_optimizer(config, params, iters_per_epoch=3, rules=rules)
+  update = jax.jit(tx.update)
+  state, p = tx.init(params), params
+  for grads in grads_seq:
+    updates, state = update(traverse_util.unflatten_dict(grads, sep='/'), state, p)
+    p = optax.apply_updates(p, updates)
+  got = traverse_util.flatten_dict(p, sep='/')
+  expected = _torch_sgd_reference(flat, grads_seq, [float(lr(s)) for s in range(8)], mults, wd=decay)
+  for k in shapes:
+    np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(got['backbone/conv1/kernel'], flat['backbone/conv1/kernel'])  # frozen
 
 
 def test_sgd_matches_torch_itself():

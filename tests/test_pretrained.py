@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors.numpy import save_file
 
 from concept_jax import pretrained
@@ -181,17 +182,87 @@ def test_parity_with_torch_reference(depth, tmp_path):
   assert _relative_error(out['source_logits'], ref['logits']) < 1e-4
 
 
+def test_train_mode_parity_with_torch():
+  """A fine-tuning step's pass: batch statistics, the gradient of every parameter, running statistics.
+
+  The running variance differs by design: torch updates it with the unbiased batch variance, Flax with
+  the biased one (README's quirks table), so Flax's 0.1 share is torch's times (n - 1) / n.
+  """
+  torch, net = torch_resnet(0)
+  state = torchvision_state_dict(0)
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  net.train()
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(4, IMAGE, IMAGE, 3)).astype(np.float32)
+  weights = rng.normal(size=(4, SOURCE_CLASSES)).astype(np.float32)   # loss = sum(weights * logits)
+  counts = {}                                                          # BN name -> values per channel
+
+  def count(name):
+    def hook(module, inputs, output):
+      del module, output
+      counts[name] = inputs[0][:, 0].numel()
+    return hook
+
+  for name, module in net.named_modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      module.register_forward_hook(count(name))
+  ref = net(torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  (ref['logits'] * torch.from_numpy(weights)).sum().backward()
+  ref_grads = pretrained.convert('grads', {k: p.grad.numpy() for k, p in net.named_parameters()})
+  ref_stats = pretrained.convert('stats', {k: v.numpy() for k, v in net.state_dict().items()})
+
+  model = Classifier(num_classes=3, depth=0, width=WIDTH, source_classes=SOURCE_CLASSES)
+  variables = pretrained.merge(_init_zeros(model), pretrained.convert('x', state))
+
+  def loss(params):
+    out, mutated = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
+                               train=True, mutable=['batch_stats'])
+    return jnp.sum(out['source_logits'] * weights), (out, mutated['batch_stats'])
+
+  (_, (out, new_stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+  for name in ('stem', 'layer1', 'layer2', 'layer3', 'layer4'):
+    assert _relative_error(out['stages'][name], ref[name].detach().numpy().transpose(0, 2, 3, 1)) < 1e-4
+  flat_grads = traverse_util.flatten_dict(grads, sep='/')
+  for path, expected in traverse_util.flatten_dict(ref_grads['params'], sep='/').items():
+    assert _relative_error(flat_grads[path], expected) < 1e-4, path
+  old = traverse_util.flatten_dict(variables['batch_stats']['backbone'])
+  new = traverse_util.flatten_dict(new_stats['backbone'])
+  for path, torch_value in traverse_util.flatten_dict(ref_stats['batch_stats']['backbone']).items():
+    if path[-1] == 'mean':
+      np.testing.assert_allclose(new[path], torch_value, rtol=1e-5, atol=1e-6, err_msg=str(path))
+    else:
+      n = counts['.'.join(path[:-1]).replace('_', '.').replace('downsample.bn', 'downsample.1')]
+      np.testing.assert_allclose(new[path] - 0.9 * old[path], (torch_value - 0.9 * old[path]) * (n - 1) / n,
+                                 rtol=1e-4, err_msg=str(path))
+  assert min(counts.values()) == 4 * 2 * 2           # layer4: (n - 1) / n = 15 / 16 is far from 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # Conversion and merge (no torch needed).
 
 def test_conversion_layout():
-  loaded = pretrained.convert('x', torchvision_state_dict(50))
+  state = torchvision_state_dict(50)
+  # torchvision's kernels are square; non-square ones make a swap of height and width fail here.
+  rng = np.random.default_rng(5)
+  state['conv1.weight'] = rng.normal(size=(WIDTH, 3, 7, 5)).astype(np.float32)
+  state['layer2.0.conv2.weight'] = rng.normal(size=(2 * WIDTH, 2 * WIDTH, 3, 1)).astype(np.float32)
+  loaded = pretrained.convert('x', state)
   backbone, stats = loaded['params']['backbone'], loaded['batch_stats']['backbone']
-  assert backbone['conv1']['kernel'].shape == (7, 7, 3, WIDTH)  # OIHW -> HWIO
-  assert backbone['layer2_0']['downsample_conv']['kernel'].shape == (1, 1, 4 * WIDTH, 8 * WIDTH)
-  assert set(backbone['layer2_0']['downsample_bn']) == {'scale', 'bias'}
-  assert set(stats['layer2_0']['downsample_bn']) == {'mean', 'var'}
-  assert loaded['params']['source_head']['kernel'].shape == (32 * WIDTH, SOURCE_CLASSES)
+  for torch_name, kernel in (('conv1.weight', backbone['conv1']['kernel']),
+                             ('layer2.0.conv2.weight', backbone['layer2_0']['conv2']['kernel']),
+                             ('layer2.0.downsample.0.weight', backbone['layer2_0']['downsample_conv']['kernel'])):
+    weight = state[torch_name]
+    o, i, h, w = np.indices(weight.shape)
+    assert kernel.shape == weight.shape[2:] + weight.shape[1::-1], torch_name     # OIHW -> HWIO
+    np.testing.assert_array_equal(kernel[h, w, i, o], weight, err_msg=torch_name)
+  np.testing.assert_array_equal(loaded['params']['source_head']['kernel'].T, state['fc.weight'])
+  np.testing.assert_array_equal(loaded['params']['source_head']['bias'], state['fc.bias'])
+  bn, bn_stats = backbone['layer2_0']['downsample_bn'], stats['layer2_0']['downsample_bn']
+  assert set(bn) == {'scale', 'bias'} and set(bn_stats) == {'mean', 'var'}
+  for leaf, torch_leaf in (('scale', 'weight'), ('bias', 'bias')):
+    np.testing.assert_array_equal(bn[leaf], state[f'layer2.0.downsample.1.{torch_leaf}'])
+  for leaf in ('mean', 'var'):
+    np.testing.assert_array_equal(bn_stats[leaf], state[f'layer2.0.downsample.1.running_{leaf}'])
   assert 'num_batches_tracked' not in str(jax.tree_util.tree_structure(loaded))
 
 

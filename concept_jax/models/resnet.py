@@ -4,7 +4,8 @@ The layout matches torchvision exactly so that its ImageNet weights load by a na
 (`concept_jax.pretrained`): stride on the 3x3 conv of a Bottleneck (ResNet "v1.5"), a 1x1 strided
 conv + BN as the shortcut where shape changes, explicit symmetric paddings (Flax 'SAME' pads
 (0, 1) at stride 2 where torch pads (1, 1), which shifts every feature map by one pixel), a 3x3/2
-max pool padded with -inf, BatchNorm eps 1e-5 and running-average momentum 0.9 (torch's 0.1).
+max pool padded with -inf, BatchNorm eps 1e-5 and running-average momentum 0.9 (torch's 0.1;
+the running variance takes the biased batch variance, torch's the unbiased one: README's quirks table).
 
 Parameter names mirror torchvision's state dict with '.' -> '_' for blocks:
   conv1, bn1, layer{1..4}_{i}/{conv1, bn1, conv2, bn2[, conv3, bn3][, downsample_conv, downsample_bn]}.
