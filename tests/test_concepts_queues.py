@@ -18,7 +18,8 @@ def np_enqueue(q, z_k, h_k, labels):
 
 
 def test_init_shapes_and_norms():
-  q = queues.init_queues(jax.random.PRNGKey(0), num_classes=5, K=3, dim=6)
+  q = queues.init_queues(jax.random.PRNGKey(0), num_classes=5, K=3,
+                          shapes={'z': (6,), 'h': (9, 6)})
   assert q['z'].shape == (5, 3, 6) and q['h'].shape == (5, 3, 9, 6)
   assert q['ptr'].shape == (5,) and q['ptr'].dtype == jnp.int32
   np.testing.assert_allclose(jnp.linalg.norm(q['z'], axis=-1), 1.0, rtol=1e-5)
@@ -30,7 +31,7 @@ def test_init_shapes_and_norms():
 def test_enqueue_matches_sequential_loop():
   rng = np.random.default_rng(0)
   num_classes, k, dim = 5, 4, 3
-  q = queues.init_queues(jax.random.PRNGKey(1), num_classes, k, dim, num_patches=2)
+  q = queues.init_queues(jax.random.PRNGKey(1), num_classes, k, {'z': (dim,), 'h': (2, dim)})
   q['ptr'] = jnp.array([0, 3, 2, 1, 3], jnp.int32)          # some pointers about to wrap
   step = jax.jit(queues.enqueue)
   batches = [np.array([1, 1, 1, 4, 0, 1, 4, 2]),             # repeats, wrap-around
@@ -40,18 +41,19 @@ def test_enqueue_matches_sequential_loop():
   for labels in batches:
     z_k = rng.standard_normal((len(labels), dim)).astype(np.float32)
     h_k = rng.standard_normal((len(labels), 2, dim)).astype(np.float32)
-    q = step(q, z_k, h_k, labels)
+    q = step(q, {'z': z_k, 'h': h_k}, labels)
     ref = np_enqueue({'z': ref[0], 'h': ref[1], 'ptr': ref[2]}, z_k, h_k, labels)
     np.testing.assert_array_equal(q['z'], ref[0])
     np.testing.assert_array_equal(q['h'], ref[1])
     np.testing.assert_array_equal(q['ptr'], ref[2])
 
 
-def test_enqueue_keeps_extra_entries_and_untouched_classes():
-  q = queues.init_queues(jax.random.PRNGKey(2), 4, 2, 3)
+def test_enqueue_keeps_extra_entries_unwritten_queues_and_untouched_classes():
+  q = queues.init_queues(jax.random.PRNGKey(2), 4, 2, {'z': (3,), 'h': (9, 3)})
   q['note'] = jnp.ones(())
-  new = queues.enqueue(q, jnp.zeros((2, 3)), jnp.zeros((2, 9, 3)), jnp.array([2, 2]))
+  new = queues.enqueue(q, {'z': jnp.zeros((2, 3))}, jnp.array([2, 2]))
   assert 'note' in new
+  np.testing.assert_array_equal(new['h'], q['h'])            # not written this time
   np.testing.assert_array_equal(new['z'][np.array([0, 1, 3])], q['z'][np.array([0, 1, 3])])
   np.testing.assert_array_equal(new['z'][2], 0.0)
   np.testing.assert_array_equal(new['ptr'], [0, 0, 0, 0])

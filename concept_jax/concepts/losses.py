@@ -45,10 +45,24 @@ def image_contrastive_loss(z_q: jax.Array, z_k: jax.Array, queue_z: jax.Array,
   """
   z_k = jax.lax.stop_gradient(z_k)
   queue_z = jax.lax.stop_gradient(queue_z)
-  b = z_q.shape[0]
-  num_classes, k, _ = queue_z.shape
   l_pair = jnp.sum(z_q * z_k, axis=-1) / temperature                         # (B,)
   l_queue = jnp.einsum('be,cke->bck', z_q, queue_z, precision=precision) / temperature
+  return class_queue_contrast(l_pair, l_queue, labels)
+
+
+def class_queue_contrast(l_pair: jax.Array, l_queue: jax.Array, labels: jax.Array) -> jax.Array:
+  """The soft-target contrast over per-class queues, from its logits (already divided by T).
+
+  Row of sample i (class c): [l_pair[i], l_queue[i, c] (K), l_queue[i, other classes]], target
+  1/(K+1) on the first K+1 entries (Bi-Tuning's row layout; the order does not change the value).
+
+  Args:
+    l_pair: (B,) the current pair's logit; l_queue: (B, C, K) one logit per queue entry.
+    labels: (B,) int classes.
+  Returns:
+    scalar, batch mean.
+  """
+  b, num_classes, k = l_queue.shape
   positives = jnp.concatenate([l_pair[:, None], l_queue[jnp.arange(b), labels]], axis=1)
   row = jnp.concatenate([l_pair[:, None], l_queue.reshape(b, num_classes * k)], axis=1)
   return _soft_target_kl(positives, jax.nn.logsumexp(row, axis=-1))

@@ -71,8 +71,9 @@ class ConceptTuning(Method):
     del prepared
     m = self.config.method
     return {'key_params': jax.tree.map(jnp.copy, variables['params']),
-            'queues': queues.init_queues(rng, self.num_classes, m.queue_size, self.num_classes,
-                                         m.num_concepts)}
+            'queues': queues.init_queues(rng, self.num_classes, m.queue_size,
+                                         {'z': (self.num_classes,),
+                                          'h': (m.num_concepts, self.num_classes)})}
 
   def concepts(self, key_params, batch_stats, images, labels, rng):
     """k (train mode, no gradient) on one view -> (z (B, C) normalised logits, boxes (B, 9, 4), confusing)."""
@@ -126,7 +127,7 @@ class ConceptTuning(Method):
     kl = losses.ib_kl(out['mu'], out['std'], scale=m.kl_scale)
     total = ce + m.trade_off * image + m.beta * concept + m.ib_weight * ib_ce + m.infow * kl
 
-    new_state = {'key_params': key_params, 'queues': queues.enqueue(q, z_k, zk_p, labels)}
+    new_state = {'key_params': key_params, 'queues': queues.enqueue(q, {'z': z_k, 'h': zk_p}, labels)}
     metrics = {'ce': ce, 'image_contrast': image, 'concept_contrast': concept, 'ib_ce': ib_ce,
                'kl': kl, 'accuracy': accuracy(out['logits'], labels),
                'ib_accuracy': accuracy(out['ib_logits'], labels),
