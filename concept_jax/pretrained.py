@@ -13,7 +13,10 @@ Sources, detected by `load`:
 - MoCo v1/v2 checkpoints: {'state_dict': {'module.encoder_q.<torchvision name>': ...}}; the
   key encoder, the queue and MoCo's projection 'fc' (a 128-d projection in v1, an MLP in v2; neither
   is an ImageNet classifier) are dropped, and the log says so.
-- a directory: a concept_jax workdir or checkpoint (`concept_jax.checkpoint.load_variables`).
+- a directory: a concept_jax workdir or checkpoint (`concept_jax.checkpoint.load_variables`). Its
+  classifier 'head' (the task it was trained on, e.g. the negative-transfer benchmark's 5-class
+  source) is also offered as 'source_head', replacing any source head it had itself, so LwF and
+  Co-Tuning can start from it with model.source_classes = its number of classes.
 
 Conversion (torch -> Flax): conv weight OIHW -> kernel HWIO; linear weight (out, in) -> kernel (in, out);
 BN weight/bias -> params scale/bias; running_mean/var -> batch_stats mean/var; num_batches_tracked is
@@ -34,7 +37,9 @@ from flax import traverse_util
 # reject a download whose digest does not start with that part, and so does this module.
 _HUB_NAME = re.compile(r'^resnet(18|34|50|101|152)-([0-9a-f]{8,})\.pth$')
 
-DEFAULT_REINIT = (r'^head/', r'^front_door/')
+# Heads that are new in a fine-tuned model: the target classifier, Concept-Tuning's front door,
+# Bi-Tuning's projector.
+DEFAULT_REINIT = (r'^head/', r'^front_door/', r'^projector/')
 
 _MOCO_PREFIX = 'module.encoder_q.'
 _RESNET_KEY = re.compile(
@@ -181,8 +186,16 @@ def load(path: str) -> dict:
   path = os.path.expanduser(path)
   if os.path.isdir(path):
     from concept_jax import checkpoint  # pylint: disable=g-import-not-at-top  # pulls in orbax
-    return checkpoint.load_variables(path)
+    return head_as_source(checkpoint.load_variables(path))
   return convert(path, read_state_dict(path))
+
+
+def head_as_source(variables: Mapping) -> dict:
+  """A trained concept_jax model as the pre-trained network of another: params['source_head'] =
+  params['head'] (its task becomes the source task); 'head' itself stays, dropped by default reinit."""
+  params = dict(variables['params'])
+  params['source_head'] = params['head']
+  return {**variables, 'params': params}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,15 +246,18 @@ def merge_with_report(init_variables: Mapping, loaded: Mapping, *,
     lines = ['Pretrained weights do not fit the model (strict merge).']
     if missing:
       lines += [f'Missing from the checkpoint ({len(missing)}):'] + [f'  {n}' for n in missing]
+    if any(n.startswith('params/source_head/') for n in missing):
+      lines.append('The checkpoint has no source classifier (e.g. MoCo weights): methods that use '
+                   'one (LwF, Co-Tuning) cannot start from it; for any other method set '
+                   'model.source_classes=0.')
     if unexpected:
       lines += [f'Unexpected in the checkpoint ({len(unexpected)}):'] + [f'  {n}' for n in unexpected]
     if mismatched:
       lines += [f'Shape mismatches ({len(mismatched)}):'] + [f'  {n}' for n in mismatched]
     lines.append(
         'Hint: check that depth and width match the checkpoint (e.g. depth=50, width=64 for '
-        'resnet50); a missing source_head means the checkpoint has no ImageNet classifier (MoCo): '
-        "set source_classes=0 or add r'^source_head/' to reinit; a source_head shape mismatch "
-        'means source_classes differs from the checkpoint (1000 for ImageNet); layers that are new on '
+        'resnet50); a source_head shape mismatch means model.source_classes differs from the '
+        "checkpoint's classes (1000 for ImageNet, a workdir's own classes); layers that are new on "
         f'purpose belong in reinit (now {tuple(reinit)}).')
     raise ValueError('\n'.join(lines))
 

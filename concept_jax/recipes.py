@@ -6,7 +6,7 @@ concept_jax/methods/), so adding a method touches only methods/.
 """
 import ml_collections
 
-from concept_jax import methods
+from concept_jax import methods, pretrained
 from concept_jax.data.pipeline import default_data_config
 
 
@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   # stem: 'imagenet' (torchvision's) or 'small' (3x3 stride-1, no max pool: 32 px images).
   c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0, stem='imagenet')
   # Weights only; '' trains from scratch. reinit: parameters deliberately not loaded.
-  c.pretrained = dict(path='', reinit=(r'^head/', r'^front_door/'))
+  c.pretrained = dict(path='', reinit=pretrained.DEFAULT_REINIT)
   c.resume = ''  # another run's workdir to continue from (whole state)
   c.method = method_config('erm')
   c.batch_size = 48
@@ -83,6 +83,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 DEFAULT_WEIGHTS = 'weights/resnet50-0676ba61.pth'  # torchvision ResNet-50 ImageNet V1
+IMAGENET_CLASSES = 1000  # its classifier's outputs
 
 
 def recipe(arg, *, data: str, num_classes: int, edit=None) -> ml_collections.ConfigDict:
@@ -98,6 +99,8 @@ def recipe(arg, *, data: str, num_classes: int, edit=None) -> ml_collections.Con
   c.data.sampling_rate = a.sr
   c.method = method_config(a.method)
   c.pretrained.path = DEFAULT_WEIGHTS
+  if methods.get(a.method).uses_source_head:
+    c.model.source_classes = IMAGENET_CLASSES  # torchvision's fc becomes the source head
   if edit is not None:
     edit(c, a)
   if a.tiny:

@@ -337,7 +337,7 @@ def test_moco_checkpoint(tmp_path, caplog, mlp):
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded['params']['backbone'],
                          plain['params']['backbone'])
   pretrained.merge(_init_zeros(Classifier(num_classes=3, depth=18, width=WIDTH)), loaded)
-  with pytest.raises(ValueError, match='(?s)params/source_head/kernel.*source_classes=0'):
+  with pytest.raises(ValueError, match='(?s)params/source_head/kernel.*LwF, Co-Tuning.*source_classes=0'):
     pretrained.merge(_init_zeros(Classifier(num_classes=3, depth=18, width=WIDTH, source_classes=1000)),
                      loaded)
 
@@ -413,8 +413,11 @@ def test_pth_without_torch_suggests_safetensors(tmp_path, monkeypatch):
     pretrained.load(str(path))
 
 
-def test_directory_reads_project_checkpoint(tmp_path, monkeypatch):
+def test_directory_reads_project_checkpoint_with_its_head_as_source_head(tmp_path, monkeypatch):
   from concept_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  sentinel = {'params': {}, 'batch_stats': {}}
-  monkeypatch.setattr(checkpoint, 'load_variables', lambda path: sentinel if path == str(tmp_path) else None)
-  assert pretrained.load(str(tmp_path)) is sentinel
+  head, old_source, stats = {'kernel': np.ones((4, 5))}, {'kernel': np.zeros((4, 1000))}, {'bn': 1}
+  saved = {'params': {'backbone': {}, 'head': head, 'source_head': old_source}, 'batch_stats': stats}
+  monkeypatch.setattr(checkpoint, 'load_variables', lambda path: saved if path == str(tmp_path) else None)
+  loaded = pretrained.load(str(tmp_path))
+  assert loaded['params'] == {'backbone': {}, 'head': head, 'source_head': head}
+  assert loaded['batch_stats'] is stats and saved['params']['source_head'] is old_source

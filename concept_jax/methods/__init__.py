@@ -4,6 +4,9 @@ import importlib
 _METHODS = {
     'erm': 'concept_jax.methods.erm:ERM',
     'concept_tuning': 'concept_jax.methods.concept_tuning:ConceptTuning',
+    'lwf': 'concept_jax.methods.lwf:LwF',
+    'co_tuning': 'concept_jax.methods.co_tuning:CoTuning',
+    'bi_tuning': 'concept_jax.methods.bi_tuning:BiTuning',
 }
 
 

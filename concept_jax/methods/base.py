@@ -19,6 +19,9 @@ class Method:
   name = 'base'
   # Classifier options the method needs (e.g. the front-door branch).
   model_options: dict = {}
+  # The method reads the pre-trained classifier ('source_head', config.model.source_classes > 0):
+  # recipes keep torchvision's 1000-way fc for it.
+  uses_source_head: bool = False
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -35,6 +38,12 @@ class Method:
     self.config = config
     self.num_classes = num_classes
     m = config.model
+    if self.uses_source_head and not m.source_classes:
+      raise ValueError(
+          f'method {self.name!r} uses the pre-trained classifier, but model.source_classes is 0: set '
+          'it to the number of classes of the pretrained weights\' classifier (1000 for torchvision '
+          "ImageNet weights, as configs/<dataset>.py does; a concept_jax workdir's own classes when "
+          'pretrained.path is one).')
     self.model = Classifier(num_classes=num_classes, depth=m.depth, width=m.width,
                             dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
                             source_classes=m.source_classes, stem=m.stem, **self.model_options)

@@ -70,7 +70,7 @@ class ConceptTuning(Method):
   def init_state(self, rng, variables, prepared=None) -> dict:
     del prepared
     m = self.config.method
-    return {'key_params': jax.tree.map(jnp.copy, variables['params']),
+    return {'key_params': momentum.init_key_params(variables['params']),
             'queues': queues.init_queues(rng, self.num_classes, m.queue_size,
                                          {'z': (self.num_classes,),
                                           'h': (m.num_concepts, self.num_classes)})}
@@ -78,8 +78,7 @@ class ConceptTuning(Method):
   def concepts(self, key_params, batch_stats, images, labels, rng):
     """k (train mode, no gradient) on one view -> (z (B, C) normalised logits, boxes (B, 9, 4), confusing)."""
     m = self.config.method
-    out, _ = self.apply(key_params, batch_stats, images, rng, train=True)
-    out = jax.lax.stop_gradient(out)
+    out = momentum.encode(self.apply, key_params, batch_stats, images, rng)
     boxes, confusing = search.concept_boxes(
         out['feature_map'], out['logits'], labels, key_params['head']['kernel'],
         num_confusing=self.num_confusing, num_concepts=m.num_concepts,

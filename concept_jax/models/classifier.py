@@ -2,7 +2,8 @@
 
 Parameter tree: {'backbone': torchvision names (see resnet.py), 'head': {'kernel', 'bias'},
 'front_door': {'pam', 'cam', 'ib'} (front_door=True), 'source_head': {'kernel', 'bias'}
-(source_classes > 0; torchvision's 'fc', e.g. for methods that keep the ImageNet classifier)}.
+(source_classes > 0; torchvision's 'fc', e.g. for methods that keep the ImageNet classifier), and one
+entry per head a method composes through `feature_heads` (e.g. Bi-Tuning's 'projector')}.
 batch_stats: {'backbone': ...}.
 """
 from typing import Any
@@ -20,7 +21,8 @@ class Classifier(nn.Module):
   Always: 'feature_map' (B, H/s, W/s, D) layer4 output (s = self.stride: 32, or 8 with stem='small'); 'features' (B, D) its global average;
   'stages' {'stem', 'layer1', ..., 'layer4'}. With heads=True also 'logits' (B, num_classes); with
   front_door 'ib_logits' (B, num_classes), 'mu' and 'std' (B, ib_dim) (needs rngs={'sample': key});
-  with source_classes > 0 'source_logits' (B, source_classes).
+  with source_classes > 0 'source_logits' (B, source_classes); for each (name, head) of
+  feature_heads, out[name] = head(features).
   heads=False runs the backbone only (the patch passes of Concept-Tuning); initialise with heads=True.
   """
   num_classes: int
@@ -31,6 +33,8 @@ class Classifier(nn.Module):
   ib_dim: int = 512
   source_classes: int = 0
   stem: str = 'imagenet'
+  # Heads a method composes onto the pooled features: ((name, module), ...); params[name] is theirs.
+  feature_heads: tuple = ()
 
   @property
   def stride(self) -> int:
@@ -61,4 +65,6 @@ class Classifier(nn.Module):
       # torchvision's fc keeps torch's default init when not loaded from a checkpoint.
       out['source_logits'] = front_door_lib.torch_dense(self.source_classes, features.shape[-1],
                                                         'source_head')(features)
+    for name, head in self.feature_heads:
+      out[name] = head.clone(parent=self, name=name)(features)
     return out
