@@ -5,7 +5,8 @@ Run the whole benchmark (5 paired seeds, 15% and 30%; README "Does it work?" has
 `make demo` runs its first seed at 15% (`:demo`) in the same workdir, so either reuses the other's
 finished runs (the source models above all). Arguments (':key=value,...'; lists are '/'-separated):
   methods   fine-tuning methods started from the spurious source, besides ERM (default concept_tuning;
-            any registered method, e.g. concept_tuning/bss/l2_sp)
+            any registered method, e.g. concept_tuning/bss/l2_sp; lwf and co_tuning take the source
+            model's 5-class head as their source head)
   seeds     number of paired seeds (5); seed s fixes colours, subsample, initialisation and data order
   rates     target sampling rates in percent (15/30)
   feature   the planted feature: stroke (colour of the digit), background, marker
@@ -36,7 +37,9 @@ the paired gap (method from spurious) - (ERM from clean), mean +- std over seeds
 """
 import ml_collections
 
+from concept_jax import methods as methods_lib
 from concept_jax import recipes
+from concept_jax.data.builders import coloured_mnist
 
 SOURCE, TARGET = 'source', 'target'
 # Concept-Tuning's benchmark settings, chosen on the target validation split (README "Does it work?"
@@ -103,6 +106,8 @@ def fine_tune(method: str, start: str, rate: int, seed: int, a, variant: str = '
   c.data.sampling_rate = rate
   c.data.val_fraction = 0.2
   c.pretrained.path = start and f'@{start}'
+  if start and methods_lib.get(method).uses_source_head:  # LwF, Co-Tuning: the source stage's head
+    c.model.source_classes = coloured_mnist.NUM_CLASSES
   c.optim.lr_mults = ((r'^backbone/', 0.1),) if start else ()
   return c
 
