@@ -8,6 +8,7 @@ import pytest
 
 from concept_jax.models import resnet
 from concept_jax.models.classifier import Classifier
+from concept_jax.models.projector import Projector
 
 RNGS = {'params': jax.random.key(0), 'sample': jax.random.key(1)}
 
@@ -79,6 +80,20 @@ def test_heads_false_returns_backbone_only(tiny):
   model, images, variables = tiny
   out = model.apply(variables, images, heads=False)  # no 'sample' rng needed
   assert set(out) == {'feature_map', 'features', 'stages'}
+
+
+def test_feature_heads_are_composed_under_their_names():
+  model = Classifier(num_classes=5, depth=0, width=8, feature_heads=(('projector', Projector(6)),))
+  images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  variables = model.init(RNGS, images)
+  d = resnet.feature_dim(0, 8)
+  assert set(variables['params']) == {'backbone', 'head', 'projector'}
+  kernel = variables['params']['projector']['dense']['kernel']
+  assert kernel.shape == (d, 6) and 0 < float(np.abs(kernel).max()) <= 1 / np.sqrt(d)  # torch's init
+  out = model.apply(variables, images)
+  np.testing.assert_allclose(out['projector'], out['features'] @ kernel
+                             + variables['params']['projector']['dense']['bias'], rtol=1e-5, atol=1e-6)
+  assert 'projector' not in model.apply(variables, images, heads=False)
 
 
 def _apply_capturing(model, variables, images, train, capture):
