@@ -1,6 +1,6 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), Concept-Tuning's global state (key encoder, queues) included,
-and 2 processes resume from their shared checkpoint to that state too.
+the same state (to float32 rounding), Concept-Tuning's and Bi-Tuning's global state (key encoder,
+queues) included, and 2 processes resume from their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -41,7 +41,11 @@ def configs() -> dict:
   # the same rounding to ~1e-4 relative in the momentum after 4 steps.
   ct.method.beta = 0.0
   ct.optim.lr = 1e-3
-  return {'erm': tiny_config('erm'), 'concept_tuning': ct}
+  # Bi-Tuning: its key encoder and queues are global state like Concept-Tuning's, written from the
+  # whole batch; lr 1e-3 for the same reason.
+  bt = tiny_config('bi_tuning')
+  bt.optim.lr = 1e-3
+  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'bi_tuning': bt}
 
 
 def train_all(workdir: str) -> None:

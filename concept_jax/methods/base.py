@@ -20,14 +20,17 @@ class Method:
   # Classifier options the method needs (e.g. the front-door branch).
   model_options: dict = {}
   # The method reads the pre-trained classifier ('source_head', config.model.source_classes > 0):
-  # recipes keep torchvision's 1000-way fc for it.
+  # recipes keep torchvision's 1000-way fc for it, trained at config.method.source_head_lr_mult.
   uses_source_head: bool = False
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
     """config.method: every hyper-parameter with its paper's default. Subclasses extend it."""
     # tllib's default training transform: RandomResizedCrop(224) with torchvision's default scale.
-    return ml_collections.ConfigDict(dict(name=cls.name, image_scale=(0.08, 1.0)))
+    c = ml_collections.ConfigDict(dict(name=cls.name, image_scale=(0.08, 1.0)))
+    if cls.uses_source_head:
+      c.source_head_lr_mult = 0.1  # tllib (--finetune): the backbone's rate
+    return c
 
   @classmethod
   def shrink(cls, method_config) -> None:
@@ -78,6 +81,8 @@ class Method:
     """Parameter-path rules the method adds in front of config.optim's own (first match wins):
     {'lr_mults': ((regex, multiplier), ...), 'no_weight_decay': (regex, ...)}. E.g. L2-SP replaces
     weight decay by its own penalty: {'no_weight_decay': ('.',)}."""
+    if self.uses_source_head:
+      return {'lr_mults': ((r'^source_head/', self.config.method.source_head_lr_mult),)}
     return {}
 
   def apply(self, params, batch_stats, images, rng, *, train: bool, **kwargs):

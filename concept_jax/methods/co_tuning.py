@@ -50,11 +50,8 @@ class CoTuning(Method):
   @classmethod
   def default_config(cls):
     c = super().default_config()
-    c.update(trade_off=2.3, source_head_lr_mult=0.1)
+    c.trade_off = 2.3
     return c
-
-  def optimizer_rules(self) -> dict:
-    return {'lr_mults': ((r'^source_head/', self.config.method.source_head_lr_mult),)}
 
   def prepare(self, variables, batches) -> dict:
     variables = jax.device_put(variables)  # once, not with every batch

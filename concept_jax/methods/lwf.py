@@ -42,9 +42,6 @@ class LwF(Method):
              source_head_lr_mult=0.0)  # tllib: the source head is not in the optimizer
     return c
 
-  def optimizer_rules(self) -> dict:
-    return {'lr_mults': ((r'^source_head/', self.config.method.source_head_lr_mult),)}
-
   def init_state(self, rng, variables, prepared=None) -> dict:
     del rng, prepared
     return {'teacher': jax.tree.map(jnp.copy, {'params': variables['params'],
