@@ -11,7 +11,7 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 
 import pytest  # noqa: E402
 
-from concept_jax import recipes  # noqa: E402
+from concept_jax import methods, recipes  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,8 @@ def tiny_config(method: str = 'erm', **changes):
   c.eval_batch_size = 8
   if method == 'concept_tuning':
     c.method.update(confusing=4, queue_size=3, patch_size=16)
+  if methods.get(method).uses_source_head:
+    c.model.source_classes = 7  # a small stand-in for ImageNet's 1000
   c.update(changes)
   return c
 

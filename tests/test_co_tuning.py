@@ -26,9 +26,9 @@ def test_relationship_of_a_hand_built_case():
   assert got.dtype == np.float32
 
 
-def test_a_class_without_examples_is_named():
-  with pytest.raises(ValueError, match=r'classes \[1, 3\] have none'):
-    co_tuning.category_relationship([(np.eye(2), np.array([0, 2]))], 4)
+def test_a_class_without_examples_gets_a_uniform_row():
+  got = co_tuning.category_relationship([(np.array([[0.2, 0.8], [1.0, 0.0]]), np.array([0, 2]))], 4)
+  np.testing.assert_allclose(got, [[0.2, 0.8], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]], rtol=1e-7)
 
 
 def test_prepare_relates_the_source_heads_predictions_to_the_labels():

@@ -28,7 +28,6 @@ def test_distillation_matches_numpy_kl_batchmean():
 
 def test_loss_distils_towards_the_frozen_start_and_keeps_it():
   config = tiny_config('lwf')
-  config.model.source_classes = 7
   method = methods.get('lwf')(config, num_classes=10)
   size = config.image_size
   variables = method.model.init({'params': jax.random.key(0)}, jnp.zeros((1, size, size, 3)))

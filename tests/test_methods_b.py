@@ -14,13 +14,6 @@ METHODS = ('lwf', 'co_tuning', 'bi_tuning')
 STATE = {'lwf': {'teacher'}, 'co_tuning': {'relationship'}, 'bi_tuning': {'key_params', 'queues'}}
 
 
-def config(method: str, **changes):
-  c = tiny_config(method, **changes)
-  if methods.get(method).uses_source_head:
-    c.model.source_classes = 7
-  return c
-
-
 @pytest.mark.parametrize('method', METHODS)
 def test_two_steps_then_resume_is_bitwise_identical(tmp_path, monkeypatch, method):
   """2 steps, stop, resume to 4 == 4 uninterrupted steps, the method's state included; Co-Tuning's
@@ -29,10 +22,10 @@ def test_two_steps_then_resume_is_bitwise_identical(tmp_path, monkeypatch, metho
   calls = []
   prepare = cls.prepare
   monkeypatch.setattr(cls, 'prepare', lambda self, *a: calls.append(1) or prepare(self, *a))
-  full = config(method)
+  full = tiny_config(method)
   train.run(full, str(tmp_path / 'full'))
 
-  half = config(method)
+  half = tiny_config(method)
   half.epochs = 1
   assert train.run(half, str(tmp_path / 'split'))['steps'] == 2
   computed = len(calls)                                            # once per fresh workdir
@@ -71,5 +64,7 @@ def test_recipes_keep_the_imagenet_classifier_for_methods_that_read_it():
   for method in METHODS + ('erm',):
     c = recipes.recipe(f'method={method},sr=15', data='cub200', num_classes=200)
     assert c.model.source_classes == (1000 if method in ('lwf', 'co_tuning') else 0), method
+  no_source = tiny_config('co_tuning')
+  no_source.model.source_classes = 0
   with pytest.raises(ValueError, match=r"'co_tuning' uses the pre-trained classifier.*source_classes"):
-    methods.get('co_tuning')(tiny_config('co_tuning'), num_classes=10)
+    methods.get('co_tuning')(no_source, num_classes=10)

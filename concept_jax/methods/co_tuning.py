@@ -22,7 +22,8 @@ def category_relationship(batches, num_classes: int) -> np.ndarray:
   """Mean source-class probabilities per target class.
 
   batches: iterable of (source probabilities (b, N_s), labels (b,) int), together the training set.
-  Returns (num_classes, N_s) float32, row c = mean probability over the examples of class c.
+  Returns (num_classes, N_s) float32, row c = mean probability over the examples of class c; uniform
+  for a class without examples (tllib's would be NaN): no training batch can read that row.
   """
   sums, counts = 0.0, np.zeros(num_classes, np.int64)
   for probabilities, labels in batches:
@@ -31,11 +32,8 @@ def category_relationship(batches, num_classes: int) -> np.ndarray:
     np.add.at(per_class, np.asarray(labels), probabilities)
     sums = sums + per_class
     counts += np.bincount(np.asarray(labels), minlength=num_classes)
-  empty = np.flatnonzero(counts == 0)
-  if empty.size:
-    raise ValueError(f'Co-Tuning needs training examples of every class to relate it to the source '
-                     f'classes; classes {empty.tolist()} have none (raise data.sampling_rate).')
-  return (sums / counts[:, None]).astype(np.float32)
+  means = sums / np.maximum(counts, 1)[:, None]
+  return np.where(counts[:, None] > 0, means, 1.0 / means.shape[1]).astype(np.float32)
 
 
 def relationship_loss(source_logits, target_probabilities):
