@@ -1,6 +1,6 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), Concept-Tuning's and Bi-Tuning's global state (key encoder,
-queues) included, and 2 processes resume from their shared checkpoint to that state too.
+the same state (to float32 rounding), Concept-Tuning's global state (key encoder, queues) included
+(Bi-Tuning's too, on 4 devices), and 2 processes resume from their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -156,7 +156,9 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
   assert _results(four_devices / name) == _results(one_device / name)
 
 
-@pytest.mark.parametrize('name', list(configs()))
+# Bi-Tuning's state crosses processes through the same global-batch code as Concept-Tuning's; the
+# four-device comparison checks its global state at a fraction of a two-process launch's cost.
+@pytest.mark.parametrize('name', ['erm', 'concept_tuning'])
 def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
   """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir; then
   the last checkpoint is removed and the same command resumes from the one before, read back by both
