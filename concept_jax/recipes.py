@@ -36,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 224
   # source_classes > 0 keeps the pre-trained classifier ('source_head', torchvision's 1000-way fc).
   # stem: 'imagenet' (torchvision's) or 'small' (3x3 stride-1, no max pool: 32 px images).
-  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0, stem='imagenet')
+  # norm: 'batch' or 'stoch' (StochNorm: each channel uses the batch statistics with probability
+  # stoch_norm_p, else the running ones; combines with any method, method=stoch_norm is ERM with it).
+  c.model = dict(depth=50, width=64, dtype='bfloat16', ib_dim=512, source_classes=0, stem='imagenet',
+                 norm='batch', stoch_norm_p=0.5)
   # Weights only; '' trains from scratch. reinit: parameters deliberately not loaded.
   c.pretrained = dict(path='', reinit=pretrained.DEFAULT_REINIT)
   c.resume = ''  # another run's workdir to continue from (whole state)

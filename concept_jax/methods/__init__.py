@@ -7,6 +7,10 @@ _METHODS = {
     'lwf': 'concept_jax.methods.lwf:LwF',
     'co_tuning': 'concept_jax.methods.co_tuning:CoTuning',
     'bi_tuning': 'concept_jax.methods.bi_tuning:BiTuning',
+    'l2_sp': 'concept_jax.methods.l2_sp:L2SP',
+    'delta': 'concept_jax.methods.delta:DELTA',
+    'bss': 'concept_jax.methods.bss:BSS',
+    'stoch_norm': 'concept_jax.methods.stoch_norm:StochNormERM',
 }
 
 

@@ -17,7 +17,7 @@ class Method:
   """Plain fine-tuning scaffolding; subclasses override what they change."""
 
   name = 'base'
-  # Classifier options the method needs (e.g. the front-door branch).
+  # Classifier options the method needs (e.g. the front-door branch); they override config.model's.
   model_options: dict = {}
   # The method reads the pre-trained classifier ('source_head', config.model.source_classes > 0):
   # recipes keep torchvision's 1000-way fc for it, trained at config.method.source_head_lr_mult.
@@ -47,9 +47,10 @@ class Method:
           'it to the number of classes of the pretrained weights\' classifier (1000 for torchvision '
           "ImageNet weights, as configs/<dataset>.py does; a concept_jax workdir's own classes when "
           'pretrained.path is one).')
-    self.model = Classifier(num_classes=num_classes, depth=m.depth, width=m.width,
-                            dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
-                            source_classes=m.source_classes, stem=m.stem, **self.model_options)
+    options = dict(depth=m.depth, width=m.width, dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
+                   source_classes=m.source_classes, stem=m.stem, norm=m.norm,
+                   stoch_norm_p=m.stoch_norm_p)
+    self.model = Classifier(num_classes=num_classes, **{**options, **self.model_options})
 
   @property
   def views(self) -> tuple[ViewSpec, ...]:

@@ -35,6 +35,8 @@ class Classifier(nn.Module):
   stem: str = 'imagenet'
   # Heads a method composes onto the pooled features: ((name, module), ...); params[name] is theirs.
   feature_heads: tuple = ()
+  norm: str = 'batch'          # 'batch' | 'stoch' (StochNorm, models/stoch_norm.py)
+  stoch_norm_p: float = 0.5    # StochNorm: probability that a channel uses the batch statistics
 
   @property
   def stride(self) -> int:
@@ -48,7 +50,8 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False, heads: bool = True):
     feature_map, stages = resnet.ResNet(self.depth, self.width, self.dtype, self.stem,
-                                                name='backbone')(images, train)
+                                        resnet.norm_layer(self.norm, self.stoch_norm_p),
+                                        name='backbone')(images, train)
     # GAP in float32: the head and the concept search read these; casting here is free under jit.
     features = jnp.mean(feature_map.astype(jnp.float32), axis=(1, 2))
     out = {'feature_map': feature_map.astype(jnp.float32), 'features': features,

@@ -10,11 +10,15 @@ the running variance takes the biased batch variance, torch's the unbiased one: 
 Parameter names mirror torchvision's state dict with '.' -> '_' for blocks:
   conv1, bn1, layer{1..4}_{i}/{conv1, bn1, conv2, bn2[, conv3, bn3][, downsample_conv, downsample_bn]}.
 The classifier head ('fc' in torchvision) lives in `classifier.Classifier`, not here.
+The normalisation layer is injectable (`norm_layer`: BatchNorm, or StochNorm with the same names).
 """
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from concept_jax.models.stoch_norm import StochNorm
 
 # depth -> (block kind, blocks per stage). ResNet-10 (one BasicBlock per stage) is the small network of
 # the negative-transfer benchmark; depth 0 is the same layout under the name the tests use.
@@ -63,10 +67,20 @@ def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
                  use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _bn(train: bool, name: str, dtype) -> nn.BatchNorm:
+def norm_layer(kind: str = 'batch', stoch_norm_p: float = 0.5) -> Callable[..., nn.Module]:
+  """The backbone's normalisation: 'batch' (BatchNorm) or 'stoch' (StochNorm; stoch_norm_p = the
+  probability that a channel uses the batch statistics in a train step)."""
+  if kind == 'batch':
+    return nn.BatchNorm
+  if kind == 'stoch':
+    return functools.partial(StochNorm, p=stoch_norm_p)
+  raise ValueError(f"model.norm={kind!r} is unknown; choose 'batch' or 'stoch'.")
+
+
+def _bn(norm, train: bool, name: str, *, dtype) -> nn.Module:
   # Statistics are reduced in float32 by Flax even when dtype is bfloat16.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      param_dtype=jnp.float32, name=name)
+  return norm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+              param_dtype=jnp.float32, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -74,14 +88,16 @@ class BasicBlock(nn.Module):
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
+  norm: Callable[..., nn.Module] = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
-    y = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.features, 3, self.stride, 'conv1', self.dtype)(x)))
-    y = _bn(train, 'bn2', self.dtype)(_conv(self.features, 3, 1, 'conv2', self.dtype)(y))
+    bn = functools.partial(_bn, self.norm, train, dtype=self.dtype)
+    y = nn.relu(bn('bn1')(_conv(self.features, 3, self.stride, 'conv1', self.dtype)(x)))
+    y = bn('bn2')(_conv(self.features, 3, 1, 'conv2', self.dtype)(y))
     if self.stride != 1 or x.shape[-1] != self.features:
       x = _conv(self.features, 1, self.stride, 'downsample_conv', self.dtype)(x)
-      x = _bn(train, 'downsample_bn', self.dtype)(x)
+      x = bn('downsample_bn')(x)
     return nn.relu(x + y)
 
 
@@ -90,16 +106,18 @@ class Bottleneck(nn.Module):
   features: int
   stride: int = 1
   dtype: Any = jnp.float32
+  norm: Callable[..., nn.Module] = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool):
     out = 4 * self.features
-    y = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.features, 1, 1, 'conv1', self.dtype)(x)))
-    y = nn.relu(_bn(train, 'bn2', self.dtype)(_conv(self.features, 3, self.stride, 'conv2', self.dtype)(y)))
-    y = _bn(train, 'bn3', self.dtype)(_conv(out, 1, 1, 'conv3', self.dtype)(y))
+    bn = functools.partial(_bn, self.norm, train, dtype=self.dtype)
+    y = nn.relu(bn('bn1')(_conv(self.features, 1, 1, 'conv1', self.dtype)(x)))
+    y = nn.relu(bn('bn2')(_conv(self.features, 3, self.stride, 'conv2', self.dtype)(y)))
+    y = bn('bn3')(_conv(out, 1, 1, 'conv3', self.dtype)(y))
     if self.stride != 1 or x.shape[-1] != out:
       x = _conv(out, 1, self.stride, 'downsample_conv', self.dtype)(x)
-      x = _bn(train, 'downsample_bn', self.dtype)(x)
+      x = bn('downsample_bn')(x)
     return nn.relu(x + y)
 
 
@@ -112,11 +130,13 @@ class ResNet(nn.Module):
     dtype: compute dtype (bfloat16 or float32); parameters are always float32.
     stem: 'imagenet' (torchvision's, total stride 32) or 'small' (3x3 stride-1 conv1, no max pool,
       total stride 8; conv1 then has a 3x3 kernel, so ImageNet weights do not load into it).
+    norm: the normalisation layer, a BatchNorm-like module class (see `norm_layer`).
   """
   depth: int = 50
   width: int = 64
   dtype: Any = jnp.float32
   stem: str = 'imagenet'
+  norm: Callable[..., nn.Module] = nn.BatchNorm
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -128,17 +148,19 @@ class ResNet(nn.Module):
     kind, blocks = layout(self.depth)
     block = BasicBlock if kind == 'basic' else Bottleneck
     stride(self.stem)  # validates the name
+    bn = functools.partial(_bn, self.norm, train, dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'imagenet':
       x = _conv(self.width, 7, 2, 'conv1', self.dtype)(x)
-      x = nn.relu(_bn(train, 'bn1', self.dtype)(x))
+      x = nn.relu(bn('bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     else:
-      x = nn.relu(_bn(train, 'bn1', self.dtype)(_conv(self.width, 3, 1, 'conv1', self.dtype)(x)))
+      x = nn.relu(bn('bn1')(_conv(self.width, 3, 1, 'conv1', self.dtype)(x)))
     stages = {'stem': x}
     for stage, count in enumerate(blocks):
       for i in range(count):
         block_stride = 2 if stage > 0 and i == 0 else 1
-        x = block(self.width * 2**stage, block_stride, self.dtype, name=f'layer{stage + 1}_{i}')(x, train)
+        x = block(self.width * 2**stage, block_stride, self.dtype, self.norm,
+                  name=f'layer{stage + 1}_{i}')(x, train)
       stages[f'layer{stage + 1}'] = x
     return x, stages
