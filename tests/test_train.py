@@ -1,32 +1,12 @@
-"""The trainer end to end on tiny configs: resume exactness, checkpoints, errors, the NaN guard."""
+"""The trainer end to end on tiny configs: checkpoints, errors, the NaN guard (resume exactness for
+every method: test_methods.py)."""
 import json
 import os
 
-import jax
-import numpy as np
 import pytest
 
 from concept_jax import checkpoint, metrics, train
 from tests.conftest import tiny_config
-
-
-@pytest.mark.parametrize('method', ['erm', 'concept_tuning'])
-def test_resume_is_bitwise_identical(tmp_path, method):
-  """2 steps, stop, resume to 4 == 4 uninterrupted steps (method state included)."""
-  full = tiny_config(method)
-  train.run(full, str(tmp_path / 'full'))
-
-  half = tiny_config(method)
-  half.epochs = 1
-  train.run(half, str(tmp_path / 'split'))
-  summary = train.run(full, str(tmp_path / 'split'))       # resumes at step 2
-
-  assert summary['steps'] == 4
-  a, b = checkpoint.load_state(tmp_path / 'full'), checkpoint.load_state(tmp_path / 'split')
-  assert set(a) == {'step', 'params', 'batch_stats', 'opt', 'method'}
-  if method == 'concept_tuning':
-    assert set(a['method']) == {'key_params', 'queues'}
-  jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
 def test_config_resume_continues_another_runs_checkpoint(tmp_path):

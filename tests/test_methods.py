@@ -1,0 +1,83 @@
+"""Every registered method, checked alike (a new method gets these for free): its defaults select it,
+one loss step is finite, keeps the state's structure and moves the backbone and the head, and two
+trainer steps interrupted after one resume to the bitwise-identical state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from concept_jax import checkpoint, methods, recipes, train
+from tests.conftest import tiny_config
+
+NAMES = methods.names()
+B = 4
+
+
+def test_every_method_is_selected_by_name_in_every_recipe():
+  from configs import aircraft, cub200, stanford_cars
+  for recipe in (cub200, stanford_cars, aircraft):
+    for name in NAMES:
+      config = recipe.get_config(f'method={name},sr=15')
+      assert config.method.name == name and config.data.sampling_rate == 15
+      assert methods.get(name).name == name
+  with pytest.raises(ValueError, match="method.name='sgd' is unknown; choose one of"):
+    recipes.method_config('sgd')
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+
+
+@pytest.fixture(scope='module', params=NAMES)
+def one_step(request):
+  """(method, state before, loss, metrics, new batch stats, new state, gradients) of one jitted step."""
+  config = tiny_config(request.param)
+  method = methods.get(request.param)(config, num_classes=10)
+  size = config.image_size
+  variables = jax.jit(lambda r: method.model.init({'params': r, 'sample': r}, jnp.zeros((1, size, size, 3)),
+                                                  train=False))(jax.random.key(0))
+  images = jax.random.normal(jax.random.key(3), (B, len(method.views), size, size, 3))
+  labels = jnp.array([1, 3, 1, 7])
+  prepared = method.prepare(jax.device_get(variables), [(np.asarray(images[:, 0]), np.asarray(labels))])
+  state = method.init_state(jax.random.key(2), variables, prepared)
+  grad_fn = jax.jit(jax.value_and_grad(method.loss, has_aux=True))
+  (loss, (metrics, batch_stats, new_state)), grads = grad_fn(
+      variables['params'], variables['batch_stats'], state, images, labels, jax.random.key(4))
+  return method, variables, state, loss, metrics, batch_stats, new_state, grads
+
+
+def test_loss_and_metrics_are_finite(one_step):
+  _, _, _, loss, metrics, _, _, grads = one_step
+  assert np.isfinite(float(loss))
+  assert all(np.ndim(v) == 0 and np.isfinite(float(v)) for v in metrics.values()), metrics
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_state_keeps_its_structure(one_step):
+  """A state whose tree changed would not restore from a checkpoint or donate its buffers."""
+  _, variables, state, _, _, batch_stats, new_state, _ = one_step
+  assert _shapes(new_state) == _shapes(state)
+  assert _shapes(batch_stats) == _shapes(variables['batch_stats'])
+
+
+def test_backbone_and_head_get_gradient(one_step):
+  _, _, _, _, _, _, _, grads = one_step
+  for part in ('backbone', 'head'):
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part])) > 0, part
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_two_steps_resume_bitwise(tmp_path, name):
+  """1 step, stop, resume to 2 == 2 uninterrupted steps: parameters, optimizer, method state."""
+  full = tiny_config(name)
+  full.epochs, full.iters_per_epoch, full.checkpoint_every = 2, 1, 1
+  train.run(full, str(tmp_path / 'full'))
+
+  half = tiny_config(name)
+  half.update(epochs=1, iters_per_epoch=1, checkpoint_every=1)
+  train.run(half, str(tmp_path / 'split'))
+  assert train.run(full, str(tmp_path / 'split'))['steps'] == 2      # resumes at step 1
+
+  a, b = checkpoint.load_state(tmp_path / 'full'), checkpoint.load_state(tmp_path / 'split')
+  assert set(a) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(a['step']) == 2
+  jax.tree.map(np.testing.assert_array_equal, a, b)
