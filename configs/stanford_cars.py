@@ -11,8 +11,9 @@ concept_jax/recipes.py::recipe).
 Official quirks decided here: 196 classes (the official code declares 362, leaving 166 phantom classes in
 the queues); `cos` in the official code also drops the 0.1x backbone lr, so every parameter runs at 1x.
 Expected top-1 (tllib, official protocol): ERM 41.1 / 65.9 / 78.4 / 87.8, Bi-Tuning 48.3 / 72.8 / 83.3 /
-90.2, Co-Tuning 49.0 / 70.6 / 81.9 / 89.1 at 15/30/50/100 (tllib's runs kept the backbone at 0.1x lr).
-The paper reports Concept-Tuning above the best of these.
+90.2, Co-Tuning 49.0 / 70.6 / 81.9 / 89.1 at 15/30/50/100 (tllib's runs kept the backbone at 0.1x lr);
+BSS 43.3 / 67.6 / 79.6 / 88.0, DELTA 45.0 / 68.4 / 79.6 / 88.4, StochNorm 44.4 / 68.1 / 79.3 / 87.9
+(tllib's README); L2-SP: none published. The paper reports Concept-Tuning above the best of these.
 """
 
 from concept_jax import recipes
