@@ -1,6 +1,7 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), Concept-Tuning's global state (key encoder, queues) included
-(Bi-Tuning's too, on 4 devices), and 2 processes resume from their shared checkpoint to that state too.
+the same state (to float32 rounding), the methods' global state (Concept-Tuning's key encoder and queues;
+on 4 devices also Bi-Tuning's, and L2-SP's and DELTA's frozen starting weights and DELTA's channel
+attention) included, and 2 processes resume from their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -45,7 +46,10 @@ def configs() -> dict:
   # whole batch; lr 1e-3 for the same reason.
   bt = tiny_config('bi_tuning')
   bt.optim.lr = 1e-3
-  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'bi_tuning': bt}
+  # L2-SP and DELTA: frozen starting weights in the state; DELTA's attention is computed by every
+  # process from the whole training set and cached by process 0.
+  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'bi_tuning': bt, 'l2_sp': tiny_config('l2_sp'),
+          'delta': tiny_config('delta')}
 
 
 def train_all(workdir: str) -> None:
@@ -156,9 +160,11 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
   assert _results(four_devices / name) == _results(one_device / name)
 
 
-# Bi-Tuning's state crosses processes through the same global-batch code as Concept-Tuning's; the
-# four-device comparison checks its global state at a fraction of a two-process launch's cost.
-@pytest.mark.parametrize('name', ['erm', 'concept_tuning'])
+# Each costs two 2-process launches. Bi-Tuning's state crosses processes through the same global-batch
+# code as Concept-Tuning's, and L2-SP's frozen copy is DELTA's 'source' in kind: the four-device
+# comparison checks them. DELTA runs here too: every process prepares its attention, and the resume
+# reads the cache back.
+@pytest.mark.parametrize('name', ['erm', 'concept_tuning', 'delta'])
 def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
   """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir; then
   the last checkpoint is removed and the same command resumes from the one before, read back by both
