@@ -150,7 +150,7 @@ class DELTA(Method):
   def prepare(self, variables, batches):
     """{stage: (C,) channel attention} from the starting network and one pass over the training set."""
     m = self.config.method
-    model = self.model.clone(dtype=jnp.float32)
+    model = self.model.clone(dtype=jnp.float32)   # one channel's loss change is small
     variables = jax.device_put(variables)   # once, not with every batch
     features_of = jax.jit(lambda v, x: model.apply(v, x, train=False, heads=False)['features'])
     rng = np.random.default_rng(self.config.seed)
