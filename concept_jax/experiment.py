@@ -63,15 +63,17 @@ STAGE_CONFIG = 'stage_config.json'
 
 def check_stage_config(stage, stage_dir: str) -> None:
   """Records the stage's config in a new stage directory; ValueError if an existing one was made with
-  another config (naming the first field that differs). Directories from before this record are
+  another config (naming the first field that differs). Fields the code gained since the run was made
+  are not compared (the run had their default behaviour); directories from before this record are
   accepted as they are."""
   wanted = json.loads(json.dumps(stage.to_dict()))  # tuples -> lists, as the file holds them
   path = os.path.join(stage_dir, STAGE_CONFIG)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    if saved != wanted:
-      field, old, new = _first_difference(saved, wanted)
+    difference = _first_difference(saved, wanted)
+    if difference:
+      field, old, new = difference
       raise ValueError(f'{stage_dir} holds a run made with another config ({field}: {old!r} there, '
                        f'{new!r} now). Delete that directory to run it again, or use another --workdir.')
   elif not os.path.exists(os.path.join(stage_dir, 'results.json')):
@@ -82,12 +84,15 @@ def check_stage_config(stage, stage_dir: str) -> None:
 
 
 def _first_difference(a, b, prefix=''):
-  """(dotted field, value in a, value in b) of the first difference between two JSON trees."""
+  """(dotted field, value in a, value in b) of the first field of JSON tree a that b lacks or holds
+  another value in; None when there is none (b may have more fields)."""
   if isinstance(a, dict) and isinstance(b, dict):
-    for key in sorted(set(a) | set(b)):
-      if a.get(key, '<absent>') != b.get(key, '<absent>'):
-        return _first_difference(a.get(key, '<absent>'), b.get(key, '<absent>'), f'{prefix}{key}.')
-  return prefix.rstrip('.'), a, b
+    for key in sorted(a):
+      difference = _first_difference(a[key], b.get(key, '<absent>'), f'{prefix}{key}.')
+      if difference:
+        return difference
+    return None
+  return None if a == b else (prefix.rstrip('.'), a, b)
 
 
 def read_results(run_dir: str) -> dict | None:

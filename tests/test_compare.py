@@ -131,6 +131,11 @@ def test_a_run_made_with_other_settings_is_refused_not_read_back(tmp_path):
   with pytest.raises(ValueError, match=rf'{name} holds a run made with another config '
                                        r'\(method.beta: 1.0 there, 0.5 now\)'):
     compare.run(changed, str(tmp_path), runner=FakeRunner())
+  # A field the code gained after a run was made does not count as a change.
+  newer = comparison_config()
+  for stage in newer.stages.values():
+    stage.model.new_option = 'its default'
+  compare.run(newer, str(tmp_path), runner=FakeRunner())
   # The unchanged comparison still reads every run back.
   again = FakeRunner()
   compare.run(config, str(tmp_path), runner=again)
