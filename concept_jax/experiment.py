@@ -6,10 +6,12 @@ skipped on a rerun (its results.json is read back), an interrupted one resumes. 
 remembers the config it was started with (WORKDIR/<stage>/stage_config.json): a stage whose config
 has changed since is refused rather than read back, so a table never mixes old settings with new ones.
 Before each stage a progress line gives its place in the order, the time so far and an estimate of
-the time left.
+the time left. Several processes may run one stages config in the same workdir at once, e.g. one per
+GPU or per core: each takes the stages no other process holds (StageLock).
 """
 import json
 import os
+import socket
 import time
 
 from concept_jax import train
@@ -25,19 +27,20 @@ def run(config, workdir: str) -> list[dict]:
   return summaries
 
 
-def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
+def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> list[dict]:
   """Runs config.stage_order one by one, each in WORKDIR/<stage>; one summary per stage reached,
   each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun resumes it).
 
   runner(config, run_dir) -> summary trains one run and writes RUN_DIR/results.json (train.run; tests
-  pass a fake).
+  pass a fake). A stage another process is running (StageLock) is left to it and read back at the end
+  (every `poll` seconds); a stage whose '@' source runs elsewhere waits for that source first.
   """
   order = tuple(config.stage_order)
   unknown = [name for name in order if name not in config.stages]
   if unknown:
     raise ValueError(f'stage_order names {unknown}, which are not in config.stages '
                      f'({sorted(config.stages)}).')
-  start, timed, summaries = time.perf_counter(), [], []
+  start, timed, summaries, elsewhere = time.perf_counter(), [], {}, []
   for i, name in enumerate(order, 1):
     stage, stage_dir = config.stages[name], os.path.join(workdir, name)
     check_stage_config(stage, stage_dir)
@@ -45,17 +48,97 @@ def run_stages(config, workdir: str, runner=train.run) -> list[dict]:
     if summary is not None:
       train.log(f'[{i}/{len(order)}] {name}: finished earlier, results.json read back')
     else:
-      todo = [_work(config.stages[n]) for n in order[i - 1:]
-              if not os.path.exists(os.path.join(workdir, n, 'results.json'))]
-      train.log(f'[{i}/{len(order)}] {name} ... ({progress(time.perf_counter() - start, timed, todo)})')
-      t = time.perf_counter()
-      summary = runner(_resolve_references(stage, workdir), stage_dir)
-      timed.append((*_work(stage), time.perf_counter() - t))
-    summaries.append(dict(summary, run=name))
+      dependency = stage.pretrained.path[1:] if stage.pretrained.path.startswith('@') else None
+      if dependency in elsewhere and _wait_for(os.path.join(workdir, dependency), poll) is None:
+        raise FileNotFoundError(f'Stage {name} starts from {dependency}, which another process left '
+                           'unfinished; repeat the command to finish both here.')
+      with StageLock(stage_dir) as lock:
+        if not lock.held:
+          train.log(f'[{i}/{len(order)}] {name}: running in another process ({lock.owner}); '
+                    'read back at the end')
+          elsewhere.append(name)
+          continue
+        todo = [_work(config.stages[n]) for n in order[i - 1:]
+                if not os.path.exists(os.path.join(workdir, n, 'results.json'))]
+        train.log(f'[{i}/{len(order)}] {name} ... '
+                  f'({progress(time.perf_counter() - start, timed, todo)})')
+        t = time.perf_counter()
+        summary = runner(_resolve_references(stage, workdir), stage_dir)
+        timed.append((*_work(stage), time.perf_counter() - t))
+    summaries[name] = dict(summary, run=name)
     if 'preempted_at' in summary:
       train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
-      break
-  return summaries
+      return list(summaries.values())
+  for name in elsewhere:
+    summary = _wait_for(os.path.join(workdir, name), poll)
+    summaries[name] = dict(summary or {'not_finished': 'its process stopped first'}, run=name)
+  return [summaries[name] for name in order if name in summaries]
+
+
+LOCK = 'RUNNING'
+
+
+class StageLock:
+  """STAGE_DIR/RUNNING, created exclusively, names the process running a stage, so that several
+  processes (on one machine or several sharing the file system) can work through one comparison:
+  each runs the stages nobody holds. A lock whose process has ended on this host is taken over; on
+  another host its owner cannot be checked, so a crashed host's lock is removed by hand."""
+
+  def __init__(self, stage_dir: str):
+    self.path, self.held, self.owner = os.path.join(stage_dir, LOCK), False, ''
+
+  def __enter__(self):
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = f'{socket.gethostname()} {os.getpid()}'
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        self.owner = _read(self.path)
+        if _alive(self.owner):
+          return self
+        os.remove(self.path)  # its process ended without releasing it (kill -9, a crash)
+        continue
+      with os.fdopen(fd, 'w') as f:
+        f.write(me)
+      self.held, self.owner = True, me
+      return self
+    return self
+
+  def __exit__(self, *exc):
+    if self.held:
+      os.remove(self.path)
+
+
+def _read(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except FileNotFoundError:
+    return ''
+
+
+def _alive(owner: str) -> bool:
+  host, _, pid = owner.partition(' ')
+  if host != socket.gethostname():
+    return bool(owner)
+  try:
+    os.kill(int(pid), 0)
+  except (ValueError, ProcessLookupError):
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _wait_for(stage_dir: str, poll: float) -> dict | None:
+  """The stage's summary once another process has finished it; None if that process let go of it
+  unfinished (preempted, failed: repeat the command to run it here)."""
+  while True:
+    summary = read_results(stage_dir)
+    if summary is not None or not os.path.exists(os.path.join(stage_dir, LOCK)):
+      return summary
+    time.sleep(poll)
 
 
 STAGE_CONFIG = 'stage_config.json'

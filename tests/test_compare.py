@@ -4,8 +4,11 @@ import csv
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 import numpy as np
@@ -140,6 +143,43 @@ def test_a_run_made_with_other_settings_is_refused_not_read_back(tmp_path):
   again = FakeRunner()
   compare.run(config, str(tmp_path), runner=again)
   assert again.calls == []
+
+
+def test_stages_held_by_another_process_are_left_to_it_and_read_back(tmp_path):
+  config = comparison_config()
+  source, dependent = 's0_source', _name('ct', 15, 0)
+  lock = tmp_path / source / experiment.LOCK
+  lock.parent.mkdir()
+  lock.write_text(f'{socket.gethostname()} {os.getppid()}')  # a live process that is not this one
+
+  def other_process_finishes():
+    time.sleep(0.5)
+    FakeRunner()(config.stages[source], str(tmp_path / source))
+    lock.unlink()
+
+  threading.Thread(target=other_process_finishes).start()
+  fake, source_done = FakeRunner(), {}
+
+  def runner(stage, run_dir):
+    source_done[os.path.basename(run_dir)] = (tmp_path / source / 'results.json').exists()
+    return fake(stage, run_dir)
+
+  summaries = experiment.run_stages(config, str(tmp_path), runner=runner, poll=0.05)
+  assert source not in source_done                 # left to the other process
+  assert source_done[dependent]                    # started only once its source had finished
+  assert [s['run'] for s in summaries] == list(config.stage_order)
+  assert all('official' in s or 'last' in s for s in summaries)
+  assert not any(p.name == experiment.LOCK for p in tmp_path.rglob('*'))
+
+
+def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
+  config = comparison_config()
+  lock = tmp_path / 's0_source' / experiment.LOCK
+  lock.parent.mkdir()
+  lock.write_text(f'{socket.gethostname()} 999999999')   # no such process
+  runner = FakeRunner()
+  experiment.run_stages(config, str(tmp_path), runner=runner, poll=0.05)
+  assert runner.calls[0][0] == 's0_source'
 
 
 def test_files_written_and_printed(tmp_path, capsys):
