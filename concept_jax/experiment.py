@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-from concept_jax import train
+from concept_jax import train, validate
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -40,6 +40,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> li
   if unknown:
     raise ValueError(f'stage_order names {unknown}, which are not in config.stages '
                      f'({sorted(config.stages)}).')
+  validate.check_stages(config, workdir)  # every stage before the first one runs
   start, timed, summaries, elsewhere = time.perf_counter(), [], {}, []
   for i, name in enumerate(order, 1):
     stage, stage_dir = config.stages[name], os.path.join(workdir, name)

@@ -4,7 +4,9 @@ One run, a stages config (concept_jax/experiment.py) or a comparison (concept_ja
 """
 import functools
 import importlib.util
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,8 +23,21 @@ _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  "jax.distributed: 'auto' starts it when a coordinator is given.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Errors that describe bad input and say how to fix it: shown without a traceback (--verbosity=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError)
+# Errors that describe bad input and say how to fix it (OSError: the file system's own, e.g. a full disk
+# or a read-only workdir). Any error is shown without a traceback; --verbosity=1 shows it.
+USER_ERRORS = (ValueError, OSError, ImportError, FloatingPointError)
+
+
+def error_message(e: Exception) -> str:
+  """What the user sees of an error instead of its traceback."""
+  if isinstance(e, OSError) and e.strerror:  # raised by the file system, not by our checks
+    return (f'{e.strerror}: {e.filename}. Check that --workdir and the paths in the config are on a '
+            'writable file system with free space.')
+  if isinstance(e, USER_ERRORS):
+    return str(e)
+  lines = (getattr(e, 'message', None) or str(e)).strip().splitlines()  # tf errors carry .message
+  return (f'{type(e).__name__}: {lines[0] if lines else ""}\n(unexpected: if the input looks right, '
+          'please report it with the traceback)')
 
 
 def config_errors(argv: list[str]) -> str:
@@ -65,13 +80,28 @@ def main(argv, run=run):
   if not verbose:
     # Orbax logs every save step at INFO; --verbosity=0 brings that back.
     logging.set_verbosity(logging.WARNING)
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _DISTRIBUTED.value)
     run(_CONFIG.value, _WORKDIR.value)
-  except USER_ERRORS as e:
-    if verbose:
-      raise
-    sys.exit(f'concept_jax: error: {e}\n(rerun with --verbosity=1 for the traceback)')
+  except Exception as e:  # pylint: disable=broad-except
+    fail(e, verbose)
+
+
+def fail(e: Exception, verbose: bool):
+  """Prints the error (its message, or with --verbosity=1 its traceback) and exits with status 1 at once.
+
+  At once: interpreter shutdown can deadlock on a tf.data iterator whose threads are still running (an
+  error inside the input pipeline), and nothing is left to save (the trainer waited for its checkpoints).
+  """
+  if verbose:
+    traceback.print_exception(e)
+  else:
+    print(f'concept_jax: error: {error_message(e)}\n(rerun with --verbosity=1 for the traceback)',
+          file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def cli(run=run):

@@ -1,24 +1,39 @@
-"""Measurements: one JSON line per record in WORKDIR/metrics.jsonl, a progress bar, a NaN guard."""
+"""Measurements: JSON lines in WORKDIR/metrics.jsonl and TensorBoard scalars beside them, a progress bar,
+the NaN guard."""
 import json
 import math
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+# The train step's per-step flag: loss, gradient norm and the whole new state are finite. A guard, not
+# a measurement: read before every log and every save, never averaged or written.
+FINITE = 'finite'
+
 
 class NonFiniteError(FloatingPointError):
-  """Raised when a training loss or gradient norm is NaN or inf; names the first bad step."""
+  """Raised when a training loss, gradient norm or updated state is NaN or inf; names the first bad step."""
 
 
 class Writer:
-  """Appends {'step': s, name: value, ...} records as JSON lines; only process 0 writes."""
+  """Writes {'step': s, name: value, ...} records as JSON lines to WORKDIR/metrics.jsonl and the same
+  scalars as TensorBoard summaries to WORKDIR (`tensorboard --logdir WORKDIR`); only process 0 writes.
 
-  def __init__(self, workdir: str):
+  start_step: where this run starts. Records after it (written by an interrupted run past its last
+  checkpoint) are dropped first, so the history never shows a step twice.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
+    self.directory = workdir
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._active = jax.process_index() == 0
+    self._summaries = None
+    if self._active and os.path.exists(self.path):
+      keep_until(self.path, start_step)
 
   def write(self, step: int, **values) -> None:
     if not self._active:
@@ -27,6 +42,44 @@ class Writer:
     record.update({k: _plain(v) for k, v in values.items()})
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
+    self._summarize(record)
+
+  def _summarize(self, record: dict) -> None:
+    from concept_jax.data.builders import common  # lazily: TensorFlow, with the GPUs hidden from it
+    tf = common.import_tf()
+    if self._summaries is None:
+      self._summaries = tf.summary.create_file_writer(self.directory)
+    # tf.summary.scalar lives in the tensorboard package; this is what it writes, without that import.
+    scalar = tf.compat.v1.SummaryMetadata(
+        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name='scalars'))
+    with self._summaries.as_default(step=record['step']):
+      for name, value in record.items():
+        if name != 'step' and isinstance(value, (int, float)):
+          tf.summary.write(name, tf.constant(value, tf.float32), metadata=scalar)
+
+  def close(self) -> None:
+    if self._summaries is not None:
+      self._summaries.close()
+
+
+def keep_until(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl file with only its records up to `step` (and without a line torn by a
+  kill), atomically: a temporary file renamed over it."""
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record.get('step', 0) <= step:
+      kept.append(line.rstrip('\n') + '\n')
+  if kept == lines:
+    return
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
 
 
 def _plain(value):
@@ -34,18 +87,44 @@ def _plain(value):
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-def check_finite(steps, losses, grad_norms) -> None:
-  """Stops the run at the first step whose loss or gradient norm is not finite."""
-  for step, loss, gnorm in zip(steps, losses, grad_norms):
-    if not (math.isfinite(loss) and math.isfinite(gnorm)):
-      raise NonFiniteError(
-          f'Non-finite training values at step {step}: loss={loss}, grad_norm={gnorm}. '
-          'Lower optim.lr, check the input data, or use model.dtype=float32.')
+def finite(tree) -> jax.Array:
+  """() bool: every floating-point leaf of `tree` is free of NaN and inf (usable inside jit)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite(steps, records, last_saved: int | None) -> None:
+  """Stops the run at the first step whose FINITE flag is False.
+
+  records: the steps' metric dicts, on the device or the host (only the flags are transferred).
+  last_saved: the newest checkpoint's step (finite, as every save is checked first), or None.
+  """
+  flags = jax.device_get([r[FINITE] for r in records])
+  for step, ok, record in zip(steps, flags, records):
+    if ok:
+      continue
+    loss, gnorm = (float(x) for x in jax.device_get((record['loss'], record['grad_norm'])))
+    where = ' (the updated state holds NaN or inf)' if math.isfinite(loss + gnorm) else ''
+    resume = ('No checkpoint was saved; rerun' if last_saved is None else
+              f'Nothing after step {last_saved} was saved; rerunning resumes from that finite checkpoint')
+    raise NonFiniteError(
+        f'Non-finite training values at step {step}: loss={loss}, grad_norm={gnorm}{where}. {resume} '
+        'after lowering optim.lr, checking the input data, or with model.dtype=float32.')
 
 
 def mean_records(records: list[dict]) -> dict:
-  """Averages a list of per-step metric dicts (host numpy) key by key."""
-  return {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+  """Averages a list of per-step metric dicts (host numpy) key by key; the FINITE flag is left out."""
+  return {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != FINITE}
+
+
+def host_rss_mib() -> float | None:
+  """This process's resident host memory in MiB (Linux /proc), or None where it cannot be read."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def progress(total: int, initial: int):

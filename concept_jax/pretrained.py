@@ -92,7 +92,14 @@ def _read_torch(path: str) -> Mapping[str, Any]:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle, zip and weights_only errors all mean "not a readable state dict"
-    raise ValueError(f'{path} could not be read by torch.load(weights_only=True): {e}\n'
+    text = str(e)
+    if 'WeightsUnpickler error: ' in text:  # torch's advice to retry with weights_only=False is unsafe
+      reason = (text.split('WeightsUnpickler error: ')[1].split('. ')[0] + '. The file holds Python '
+                'objects besides tensors; loading it unrestricted could run code from it. Where you '
+                'trust it, save its plain state dict (torch.save(model.state_dict(), PATH)) and use that')
+    else:
+      reason = (text.strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f'{path} could not be read by torch.load(weights_only=True): {reason}.\n'
                      f'Expected {_EXPECTED}, saved with torch.save.') from e
   if not isinstance(obj, Mapping):
     raise ValueError(f'{path} holds a {type(obj).__name__}, not a state dict. Expected {_EXPECTED}.')
@@ -153,8 +160,10 @@ def _flax_path(key: str, value: np.ndarray) -> tuple[str, str, np.ndarray] | Non
   module = re.sub(r'^layer(\d)\.(\d+)\.', r'layer\1_\2/', module)
   module = module.replace('downsample.0', 'downsample_conv').replace('downsample.1', 'downsample_bn')
   path = f'backbone/{module}'
-  if value.ndim == 4:  # conv weight, OIHW -> HWIO
-    return 'params', f'{path}/kernel', value.transpose(2, 3, 1, 0)
+  # The layer type comes from the name: a conv weight of another rank is kept as it is, for merge
+  # to report it as a shape mismatch.
+  if re.search(r'(^|/)(conv\d|downsample_conv)$', module) and leaf == 'weight':
+    return 'params', f'{path}/kernel', value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
   name = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
           'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}[leaf]
   return name[0], f'{path}/{name[1]}', value
@@ -229,8 +238,7 @@ def merge_with_report(init_variables: Mapping, loaded: Mapping, *,
     elif (c, p) not in loaded_flat:
       missing.append(name)
     elif tuple(np.shape(loaded_flat[(c, p)])) != tuple(np.shape(v)):
-      mismatched.append(f'{name}: checkpoint {tuple(np.shape(loaded_flat[(c, p)]))} vs model '
-                        f'{tuple(np.shape(v))}')
+      mismatched.append(_mismatch(name, tuple(np.shape(loaded_flat[(c, p)])), tuple(np.shape(v))))
     else:
       merged[(c, p)] = np.asarray(loaded_flat[(c, p)], dtype=v.dtype)
       report.loaded.append(name)
@@ -266,6 +274,19 @@ def merge_with_report(init_variables: Mapping, loaded: Mapping, *,
     out[c] = traverse_util.unflatten_dict(
         {p: merged[(cc, p)] for (cc, p) in merged if cc == c}, sep='/')
   return out, report
+
+
+def _mismatch(name: str, loaded: tuple, model: tuple) -> str:
+  """One mismatch line: the parameter, both shapes, the likely cause."""
+  if len(loaded) != len(model):
+    cause = ('a different rank: the file does not hold a torchvision ResNet weight here (another '
+             'architecture, or a damaged or hand-edited file)')
+  elif '/source_head/' in f'/{name}':
+    cause = f'source_classes={model[-1]} but the checkpoint classifies {loaded[-1]} classes'
+  else:
+    cause = (f'wrong width or depth: the checkpoint has {loaded[-1]} channels here, the model '
+             f'{model[-1]} (model.width scales every layer; depth 18/34 and 50+ differ in block shapes)')
+  return f'{name}: checkpoint {loaded} vs model {model}; likely {cause}'
 
 
 def merge(init_variables: Mapping, loaded: Mapping, *, reinit: Sequence[str] = DEFAULT_REINIT) -> dict:

@@ -23,8 +23,12 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     default = defaults[key]
     if isinstance(default, bool):
       parsed[key] = value.lower() in ('', '1', 'true', 'yes')
-    else:
+      continue
+    try:
       parsed[key] = type(default)(value)
+    except ValueError:
+      raise ValueError(f'Config argument {key}={value!r}: must be {type(default).__name__}, e.g. '
+                       f'{key}={default}.') from None
   return parsed
 
 
@@ -45,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.resume = ''  # another run's workdir to continue from (whole state)
   c.method = method_config('erm')
   c.batch_size = 48
+  c.repeats_in_batch = False  # True accepts batch_size > training examples (batches then repeat some)
   c.epochs = 40
   c.iters_per_epoch = 500
   c.label_smoothing = 0.0

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from concept_jax import checkpoint, distributed, metrics, methods, optim, pretrained
+from concept_jax import checkpoint, distributed, metrics, methods, optim, pretrained, validate
 from concept_jax.data import pipeline
 from concept_jax.data.normalize import normalize
 from concept_jax.protocols import summarize
@@ -137,10 +137,13 @@ def make_train_step(method, tx, lr_fn, rng, mesh):
         state['params'])
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    values = dict(values, loss=loss, lr=lr_fn(state['step']), grad_norm=optax.tree.norm(grads),
-                  param_norm=optax.tree.norm(params))
+    grad_norm = optax.tree.norm(grads)
     new_state = {'step': state['step'] + 1, 'params': params, 'batch_stats': batch_stats,
                  'opt': opt, 'method': method_state}
+    # Read (one transfer for many steps) before every log and every save: nothing non-finite is saved.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & metrics.finite(new_state)
+    values = dict(values, loss=loss, lr=lr_fn(state['step']), grad_norm=grad_norm,
+                  param_norm=optax.tree.norm(params), **{metrics.FINITE: finite})
     return new_state, values
 
   replicated = distributed.replicated(mesh)
@@ -183,15 +186,10 @@ def evaluate(eval_step, state, config, split: str, mesh, rng, *, data=None, name
 
 def run(config, workdir: str) -> dict:
   """Trains config's method, evaluating every epoch; returns the summary written to results.json."""
-  checkpoint.check_local_directory(workdir, '--workdir')
-  if config.resume:
-    checkpoint.check_local_directory(config.resume, 'config.resume')
+  info = validate.check(config, workdir)  # every problem at once, before anything is created
   os.makedirs(workdir, exist_ok=True)
   mesh = distributed.make_mesh()
-  info = pipeline.dataset_info(config.data)
   method = methods.get(config.method.name)(config, info.num_classes)
-  distributed.check_batch_size(config.batch_size, mesh)
-  distributed.check_batch_size(config.eval_batch_size, mesh)
   iters = config.iters_per_epoch
   total_steps = config.epochs * iters
   init_rng, train_rng, eval_rng = jax.random.split(jax.random.key(config.seed), 3)
@@ -213,27 +211,28 @@ def run(config, workdir: str) -> dict:
     source = checkpoint.Checkpointer(config.resume, max_to_keep=None)
   state = initial_state(method, config, tx, init_rng, mesh, load_pretrained=source is None,
                         prepared_dir=workdir if source in (None, ckpt) else config.resume)
-  history = []
+  history, last_saved = [], None
   if source is not None:
-    step = source.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'config.resume={config.resume!r} holds no checkpoint.')
-    state, meta = source.restore(step, state)
+    # A damaged newest checkpoint is named and skipped (moved aside only in this run's own workdir).
+    last_saved, state, meta = source.restore_newest(state, move_aside=source is ckpt, log=log)
     history = meta['history']
-    log(f'Resumed from {source.directory} at step {step}')
+    log(f'Resumed from {source.directory} at step {last_saved}')
     if source is not ckpt:
       source.close()
   start = int(state['step'])
 
   train_step = make_train_step(method, tx, lr_fn, train_rng, mesh)
   eval_step = make_eval_step(method, mesh)
-  writer = metrics.Writer(workdir)
+  writer = metrics.Writer(workdir, start_step=start)
   batches = pipeline.train_batches(
       config.data, method.views, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start, process_index=jax.process_index(), process_count=jax.process_count())
 
   def save(step):
+    nonlocal last_saved
+    metrics.check_finite(pending_steps, pending, last_saved)  # the steps since the last log
     ckpt.save(step, state, {'step': step, 'history': history, 'config': config.to_dict()})
+    last_saved = step
 
   preemption = _Preemption()
   bar = metrics.progress(total_steps, start)
@@ -250,9 +249,12 @@ def run(config, workdir: str) -> dict:
       epoch_end = step % iters == 0
       if step % config.log_every == 0 or epoch_end or step == total_steps:
         host = jax.device_get(pending)
-        metrics.check_finite(pending_steps, [h['loss'] for h in host], [h['grad_norm'] for h in host])
+        metrics.check_finite(pending_steps, host, last_saved)
         now = time.perf_counter()
         record = dict(metrics.mean_records(host), steps_per_sec=len(host) / (now - t_last))
+        rss = metrics.host_rss_mib()  # where a host memory leak would show
+        if rss is not None:
+          record['host_rss_mib'] = rss
         writer.write(step, **record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2g}")
         if bar.disable:
@@ -278,6 +280,7 @@ def run(config, workdir: str) -> dict:
     bar.close()
     preemption.restore()
     ckpt.close()
+    writer.close()
 
   if stop and step < total_steps:
     log(f'SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.')

@@ -9,6 +9,7 @@
     python -m concept_jax.bench --pipeline       # tf.data four-view samples/s on this CPU
     python -m concept_jax.bench --pipeline --pipeline_data=jpeg    # ... decoding CUB-sized JPEGs
     python -m concept_jax.bench --pipeline --pipeline_data=cub200 --pipeline_data_dir=DIR  # real data
+    python -m concept_jax.bench --soak           # host memory (RSS) of the trainer over 2,000 tiny steps
 
 A row is `method[:batch]`; `concept_loss[:batch]` times the concept contrastive loss and its gradient
 alone on random unit vectors at the row's shapes (B x (1 + K + confusing x K) Sinkhorn problems), to
@@ -29,12 +30,17 @@ into a temporary image folder, prepares it with the image_folder builder and rea
 set, so decoding is included; any other name is a prepared data set (--pipeline_data_dir, and
 --pipeline_manual_dir where its builder needs one).
 
+The soak row (--soak) runs train.run itself on a tiny ERM config (test-only ResNet, 32 px, batch 8,
+synthetic data; logs every 10 steps, evaluations and checkpoints every quarter) and reads the host RSS
+that every log record carries: RSS after the first tenth of the steps, at the end, and the slope over the
+second half. A flat line means no per-step host memory leak; the figure is printed, not judged.
+
 The train-step path imports neither TensorFlow nor tensorflow-datasets; `--pipeline` needs TensorFlow.
 Results go to a printed table and to --out as JSON: device kind, versions, date, settings, every figure.
 """
 import json
 
-from concept_jax.bench import pipeline, step
+from concept_jax.bench import pipeline, soak, step
 from concept_jax.bench.pipeline import write_jpeg_folder
 from concept_jax.bench.report import environment, table
 from concept_jax.bench.settings import PRESETS, parse_args, parse_rows, settings
@@ -45,7 +51,9 @@ __all__ = ['PRESETS', 'main', 'parse_args', 'parse_rows', 'table', 'write_jpeg_f
 def main(argv=None) -> dict:
   """Runs the benchmark; returns (and writes to --out) the report."""
   args = parse_args(argv)
-  if args.pipeline:
+  if args.soak:
+    rows = [soak.bench_soak(args)]
+  elif args.pipeline:
     rows = [pipeline.bench_pipeline(args)]
   else:
     rows = [step.bench_concept_loss(batch, args) if name == 'concept_loss' else

@@ -46,7 +46,7 @@ def table(report: dict) -> str:
   env, s = report['environment'], report['settings']
   lines = [f"{env['device_kind']} ({env['platform']} x{env['device_count']}), jax {env['jax']}, "
            f"{env['date']}"]
-  train_rows = [r for r in report['rows'] if r['kind'] != 'pipeline']
+  train_rows = [r for r in report['rows'] if r['kind'] not in ('pipeline', 'soak')]
   if train_rows:
     lines.append(f"ResNet-{s['depth']} width {s['width']}, {s['image_size']} px, {s['classes']} "
                  f"classes, {s['dtype']}; CT K {s['queue_size']}, confusing {s['confusing']}, "
@@ -73,6 +73,14 @@ def table(report: dict) -> str:
                    f"{r['batch']}, {r['source']}, {r['host_cpus']} CPUs): "
                    f"{r['samples_per_s']:.1f} samples/s ({r['images_per_s']:.1f} views/s, "
                    f"{r['batch_s']:.3f} s per batch, first batch {r['first_batch_s']:.1f} s)")
+    if r['kind'] == 'soak':
+      between = r['rss_growth_between_events_mib']
+      lines.append(f"soak ({r['steps']} {r['method']} steps, test-only ResNet, {r['image_size']} px, batch "
+                   f"{r['batch']}, {r['wall_s']:.0f} s): host RSS {r['rss_start_mib']:.0f} MiB at step "
+                   f"{r['rss_start_step']} -> {r['rss_end_mib']:.0f} MiB at step {r['steps']} "
+                   f"({r['rss_growth_mib']:+.1f} MiB, with an evaluation and a checkpoint every "
+                   f"{r['events_every']} steps; training steps alone between them: at most "
+                   f"{'n/a' if between is None else f'{between:+.1f} MiB'})")
   return '\n'.join(lines)
 
 

@@ -49,11 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="side of the generated 'synthetic' source images (the data set's default: 64)")
   p.add_argument('--pipeline_jpeg_images', type=int, default=240,
                  help="training images written for --pipeline_data=jpeg (spread over --classes)")
+  p.add_argument('--soak', action='store_true',
+                 help='run the trainer for --soak_steps tiny steps and report its host memory (RSS) '
+                      'over them instead (needs TensorFlow)')
+  p.add_argument('--soak_steps', type=int, default=2000, help='steps of the --soak run')
   p.add_argument('--out', default='bench.json', help="JSON results ('' writes none)")
   args = p.parse_args(argv)
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  if args.soak_steps < 40:
+    p.error(f'--soak_steps must be >= 40 (4 evaluations, a log every 10 steps); got {args.soak_steps}.')
   if args.steps < 1 or args.warmup < 0 or args.batch < 1:
     p.error(f'need --steps >= 1, --warmup >= 0, --batch >= 1; got {args.steps}, {args.warmup}, '
             f'{args.batch}.')
@@ -111,6 +117,8 @@ def make_config(method: str, batch: int, args):
 def settings(args) -> dict:
   keys = ('preset', 'depth', 'width', 'image_size', 'batch', 'classes', 'queue_size', 'confusing',
           'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed', 'profile')
+  if args.soak:
+    return {k: getattr(args, k) for k in ('soak_steps', 'seed')}
   if args.pipeline:
     keys = ('preset', 'image_size', 'batch', 'classes', 'seed', 'pipeline_method', 'pipeline_batches',
             'pipeline_warmup', 'pipeline_data', 'pipeline_data_dir', 'pipeline_manual_dir',

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from concept_jax import validate
 from concept_jax.data.views import ViewSpec
 from concept_jax.models.classifier import Classifier
 
@@ -36,6 +37,15 @@ class Method:
   def shrink(cls, method_config) -> None:
     """Adjusts config.method in place for the CPU-sized `tiny` preset (few classes, small images)."""
     del method_config
+
+  @classmethod
+  def config_problems(cls, config, num_classes: int) -> list[str]:
+    """What is wrong with config.method (and the fields it depends on) for a data set of
+    num_classes classes: one line per problem naming the field and its valid range, written with
+    validate.number / choice / scale. The trainer reports them with the rest of the config's
+    before any work (concept_jax/validate.py). Subclasses extend it."""
+    del num_classes
+    return validate.scale(config, 'method.image_scale')
 
   def __init__(self, config, num_classes: int):
     self.config = config

@@ -14,10 +14,12 @@ statistics are never read (k always runs in train mode), so they are not kept.
 import jax
 import jax.numpy as jnp
 
+from concept_jax import validate
 from concept_jax.concepts import crop, losses, momentum, queues, search
 from concept_jax.concepts.queues import l2_normalise
 from concept_jax.data.views import ViewSpec
 from concept_jax.methods.base import Method, accuracy, cross_entropy
+from concept_jax.models import resnet
 
 
 class ConceptTuning(Method):
@@ -53,12 +55,43 @@ class ConceptTuning(Method):
   def shrink(cls, m):
     m.update(queue_size=4, confusing=min(m.confusing, 20), patch_size=32)
 
+  @classmethod
+  def config_problems(cls, config, num_classes):
+    m, n = config.method, num_classes
+    if n < 4:
+      return [f'method.name=concept_tuning: needs at least 4 classes (the concept search scores '
+              f'channels against 3 confusing ones); the data has {n}.']
+    number = lambda field, kind, interval, why='': validate.number(config, f'method.{field}', kind,
+                                                                   interval, why)
+    problems = super().config_problems(config, num_classes) + validate.scale(config, 'method.patch_scale')
+    problems += number('confusing', int, f'[1, {n - 1}]', f'the other classes of {n}; the recipes use '
+                       'every other class, CUB 199')
+    problems += number('patch_size', int, f'[1, {config.image_size}]', f'image_size={config.image_size}')
+    problems += number('queue_size', int, '[1, inf)') + number('num_concepts', int, '[1, inf)')
+    problems += number('temperature', float, '(0, inf)') + number('momentum', float, '[0, 1]')
+    for weight in ('trade_off', 'beta', 'ib_weight', 'infow'):
+      problems += number(weight, float, '[0, inf)')
+    problems += number('concept_step', int, '[0, inf)', '0: scaled from the width')
+    problems += number('channels_per_concept', int, '[0, inf)', '0: scaled from the width')
+    problems += number('sinkhorn_eps', float, '(0, inf)') + number('sinkhorn_iters', int, '[1, inf)')
+    problems += number('sinkhorn_thresh', float, '[0, inf)')
+    problems += validate.choice(config, 'method.kl_scale', ('exp', 'std'))
+    problems += validate.choice(config, 'method.box_anchor', ('corner', 'center'))
+    if problems:
+      return problems
+    plan = m.num_concepts ** 2  # entries of one OT plan
+    problems += number('top_pos', int, f'[1, {plan}]', f'num_concepts ** 2 = {plan} plan entries')
+    problems += number('top_neg', int, f'[1, {plan}]', f'num_concepts ** 2 = {plan} plan entries')
+    try:
+      search.concept_slices(resnet.feature_dim(config.model.depth, config.model.width), m.num_concepts,
+                            m.concept_step or None, m.channels_per_concept or None)
+    except ValueError as e:
+      problems.append(f'method.concept_step / channels_per_concept: {e}')
+    return problems
+
   def __init__(self, config, num_classes: int):
     super().__init__(config, num_classes)
-    m = config.method
-    # The official code needs confusing <= C - 1; smaller label sets (the demo, Aircraft with the
-    # default 100) use every other class.
-    self.num_confusing = min(m.confusing, num_classes - 1)
+    self.num_confusing = config.method.confusing  # in [1, C - 1]: see config_problems
 
   @property
   def views(self) -> tuple[ViewSpec, ...]:

@@ -94,9 +94,11 @@ def prepare_command(name, data_dir, manual_dir=None):
   return cmd
 
 
-def make_builder(name, data_dir, manual_dir=None, planted=None):
+def make_builder(name, data_dir, manual_dir=None, planted=None, skip_empty_classes=False):
   """A tfds builder for a data name (short name, optionally '/config', or any tfds name).
-  planted: coloured_mnist's options (data.planted; None: its defaults)."""
+  planted: coloured_mnist's options (data.planted; None: its defaults).
+  skip_empty_classes: image_folder only; leave out class folders without images (else an error).
+  """
   import tensorflow_datasets as tfds
   spec = get_spec(name)
   _, config = split_name(name)
@@ -118,8 +120,8 @@ def make_builder(name, data_dir, manual_dir=None, planted=None):
     if not manual_dir:
       raise ValueError('image_folder needs data_config.manual_dir (prepare: --manual_dir) = '
                        'the folder root holding train/<class>/ and test/<class>/.')
-    return image_folder.UserImageFolder(data_dir=data_dir,
-                                        config=image_folder.image_folder_config(manual_dir))
+    return image_folder.UserImageFolder(
+        data_dir=data_dir, config=image_folder.image_folder_config(manual_dir, skip_empty_classes))
   tfds_name = spec.tfds_name + (f'/{config}' if config else '')
   try:
     return tfds.builder(tfds_name, data_dir=data_dir)
