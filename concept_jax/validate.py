@@ -139,17 +139,19 @@ def config_problems(config) -> list[str]:
     try:
       check(value(config, field))
     except (ValueError, TypeError) as e:
-      problems.append(f'{field}: {e}')
+      problems.append(str(e) if str(e).startswith(field) else f'{field}: {e}')
   if value(config, 'optim.schedule') == 'multistep' and not number(config, 'epochs', int, '[1, inf)'):
     milestones = tuple(value(config, 'optim.milestones'))
     if (not all(_is_number(m, int) and 1 <= m <= config.epochs for m in milestones)
         or list(milestones) != sorted(set(milestones))):
       problems.append(f'optim.milestones={milestones}: must be increasing epochs in [1, '
                       f'{config.epochs}] (epochs={config.epochs}; milestones count epochs, not steps).')
-  for pattern_mult in value(config, 'optim.lr_mults'):
-    if not (len(pattern_mult) == 2 and _is_number(pattern_mult[1], float) and pattern_mult[1] >= 0):
-      problems.append(f'optim.lr_mults: {pattern_mult!r} must be (regex, multiplier >= 0).')
-  problems += _regexes(config, 'optim.lr_mults', [pm[0] for pm in value(config, 'optim.lr_mults')])
+  for rule in value(config, 'optim.lr_mults'):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and _is_number(rule[1], float)
+            and rule[1] >= 0):
+      problems.append(f'optim.lr_mults: {rule!r} must be (regex, multiplier >= 0).')
+    else:
+      problems += _regexes(config, 'optim.lr_mults', [rule[0]])
   problems += _regexes(config, 'optim.no_weight_decay', value(config, 'optim.no_weight_decay'))
   problems += _regexes(config, 'pretrained.reinit', value(config, 'pretrained.reinit'))
   if value(config, 'data.name') == 'synthetic':
@@ -177,7 +179,7 @@ def data_problems(config, info: pipeline.DatasetInfo) -> list[str]:
     if not number(config, field, int, '[1, inf)') and config[field] % devices:
       problems.append(f'{field}={config[field]}: must be a multiple of the number of devices '
                       f'({devices}), e.g. {devices * max(1, config[field] // devices)}.')
-  if not number(config, 'image_size', int, '[1, inf)'):
+  if config.method.name in methods.names() and not number(config, 'image_size', int, '[1, inf)'):
     problems += methods.get(config.method.name).config_problems(config, info.num_classes)
   return problems
 

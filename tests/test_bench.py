@@ -93,6 +93,17 @@ def test_pipeline_throughput(tmp_path, source):
   assert expected in row['source']
 
 
+def test_soak_reports_host_memory_over_the_run(tmp_path, capsys):
+  report = bench.main(['--soak', '--soak_steps=40', f'--out={tmp_path / "soak.json"}'])
+  row, = report['rows']
+  assert row['kind'] == 'soak' and row['steps'] == 40 and row['rss_start_step'] == 10
+  assert sorted(row['rss_mib_by_step']) == [10, 20, 30, 40]  # a record every 10 steps
+  assert all(_positive_finite(v) for v in row['rss_mib_by_step'].values())
+  assert row['rss_growth_mib'] == row['rss_end_mib'] - row['rss_start_mib']
+  assert json.loads((tmp_path / 'soak.json').read_text())['settings'] == {'soak_steps': 40, 'seed': 0}
+  assert 'soak (40 erm steps' in capsys.readouterr().out
+
+
 def test_jpeg_folder_is_shaped_like_cub(tmp_path):
   import tensorflow as tf
   bench.write_jpeg_folder(str(tmp_path), num_images=4, num_classes=3, seed=0)
