@@ -179,6 +179,15 @@ def data_problems(config, info: pipeline.DatasetInfo) -> list[str]:
     if not number(config, field, int, '[1, inf)') and config[field] % devices:
       problems.append(f'{field}={config[field]}: must be a multiple of the number of devices '
                       f'({devices}), e.g. {devices * max(1, config[field] // devices)}.')
+  for name, data in config.extra_eval.items():  # evaluated on their test split with the same head
+    try:
+      extra = pipeline.dataset_info(data)
+    except (ValueError, FileNotFoundError) as e:
+      problems.append(f'extra_eval.{name}: {e}')
+      continue
+    if extra.num_classes != info.num_classes:
+      problems.append(f'extra_eval.{name}: {extra.num_classes} classes where the training data has '
+                      f'{info.num_classes}; an extra evaluation set needs the same classes.')
   if config.method.name in methods.names() and not number(config, 'image_size', int, '[1, inf)'):
     problems += methods.get(config.method.name).config_problems(config, info.num_classes)
   return problems
