@@ -111,6 +111,8 @@ def make_config(method: str, batch: int, args):
   for key in ('queue_size', 'confusing', 'patch_size'):
     if key in c.method:
       c.method[key] = getattr(args, key)
+  if 'confusing' in c.method:  # at most every other class, as the concept_loss row takes it
+    c.method.confusing = min(args.confusing, args.classes - 1)
   return c
 
 
