@@ -92,7 +92,7 @@ _RANGES = (
     ('checkpoint_every', int, '[1, inf)'), ('keep_checkpoints', int, '[1, inf)'),
     ('eval_every_epochs', int, '[1, inf)'), ('label_smoothing', float, '[0, 1)'),
     ('model.width', int, '[1, inf)'), ('model.ib_dim', int, '[1, inf)'),
-    ('model.source_classes', int, '[0, inf)'),
+    ('model.source_classes', int, '[0, inf)'), ('model.stoch_norm_p', float, '[0, 1]'),
     ('optim.lr', float, '(0, inf)'), ('optim.momentum', float, '[0, 1)'),
     ('optim.weight_decay', float, '[0, inf)'), ('optim.gamma', float, '(0, inf)'),
     ('data.sampling_rate', float, '(0, 100]'), ('data.split_seed', int, '[0, inf)'),
@@ -135,7 +135,7 @@ def config_problems(config) -> list[str]:
   problems += choice(config, 'model.dtype', ('float32', 'bfloat16', 'float16'))
   problems += choice(config, 'optim.schedule', ('multistep', 'cosine', 'constant'))
   for field, check in (('model.depth', resnet.layout), ('model.stem', resnet.stride),
-                       ('method.name', methods.get)):
+                       ('model.norm', resnet.norm_layer), ('method.name', methods.get)):
     try:
       check(value(config, field))
     except (ValueError, TypeError) as e:

@@ -45,18 +45,26 @@ class Method:
     validate.number / choice / scale. The trainer reports them with the rest of the config's
     before any work (concept_jax/validate.py). Subclasses extend it."""
     del num_classes
-    return validate.scale(config, 'method.image_scale')
+    problems = validate.scale(config, 'method.image_scale')
+    if cls.uses_source_head:
+      problems += validate.number(config, 'method.source_head_lr_mult', float, '[0, inf)')
+      if not config.model.source_classes:
+        problems.append(cls._no_source_head())
+    return problems
+
+  @classmethod
+  def _no_source_head(cls) -> str:
+    return (f'model.source_classes=0: method {cls.name!r} uses the pre-trained classifier; set it to '
+            "the number of classes of the pretrained weights' classifier (1000 for torchvision "
+            "ImageNet weights, as configs/<dataset>.py does; a concept_jax workdir's own classes when "
+            'pretrained.path is one).')
 
   def __init__(self, config, num_classes: int):
     self.config = config
     self.num_classes = num_classes
     m = config.model
     if self.uses_source_head and not m.source_classes:
-      raise ValueError(
-          f'method {self.name!r} uses the pre-trained classifier, but model.source_classes is 0: set '
-          'it to the number of classes of the pretrained weights\' classifier (1000 for torchvision '
-          "ImageNet weights, as configs/<dataset>.py does; a concept_jax workdir's own classes when "
-          'pretrained.path is one).')
+      raise ValueError(self._no_source_head())
     options = dict(depth=m.depth, width=m.width, dtype=jnp.dtype(m.dtype), ib_dim=m.ib_dim,
                    source_classes=m.source_classes, stem=m.stem, norm=m.norm,
                    stoch_norm_p=m.stoch_norm_p)
