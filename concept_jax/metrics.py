@@ -49,13 +49,13 @@ class Writer:
     tf = common.import_tf()
     if self._summaries is None:
       self._summaries = tf.summary.create_file_writer(self.directory)
-    # tf.summary.scalar lives in the tensorboard package; this is what it writes, without that import.
-    scalar = tf.compat.v1.SummaryMetadata(
-        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name='scalars'))
+      # tf.summary.scalar lives in the tensorboard package; this is what it writes, without that import.
+      self._scalar = tf.compat.v1.SummaryMetadata(
+          plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name='scalars'))
     with self._summaries.as_default(step=record['step']):
       for name, value in record.items():
         if name != 'step' and isinstance(value, (int, float)):
-          tf.summary.write(name, tf.constant(value, tf.float32), metadata=scalar)
+          tf.summary.write(name, tf.constant(value, tf.float32), metadata=self._scalar)
 
   def close(self) -> None:
     if self._summaries is not None:

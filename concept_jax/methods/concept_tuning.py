@@ -64,8 +64,8 @@ class ConceptTuning(Method):
     number = lambda field, kind, interval, why='': validate.number(config, f'method.{field}', kind,
                                                                    interval, why)
     problems = super().config_problems(config, num_classes) + validate.scale(config, 'method.patch_scale')
-    problems += number('confusing', int, f'[1, {n - 1}]', f'the other classes of {n}; the recipes use '
-                       'every other class, CUB 199')
+    problems += number('confusing', int, f'[1, {n - 1}]', f"{n} classes: at most every other one; "
+                       "CUB's recipe uses 199")
     problems += number('patch_size', int, f'[1, {config.image_size}]', f'image_size={config.image_size}')
     problems += number('queue_size', int, '[1, inf)') + number('num_concepts', int, '[1, inf)')
     problems += number('temperature', float, '(0, inf)') + number('momentum', float, '[0, 1]')
