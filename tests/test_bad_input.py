@@ -22,6 +22,9 @@ from concept_jax.models.classifier import Classifier
 from tests.conftest import ROOT, subprocess_env, tiny_config
 from tests.test_pretrained import WIDTH, torchvision_state_dict
 
+# Orbax's read tasks of a damaged checkpoint, abandoned when the restore fails, are collected later.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
 
 def _steps(workdir) -> list[int]:
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
@@ -73,7 +76,6 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize('kind', DAMAGE)
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')  # Orbax's read tasks
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(trained, tmp_path, capsys, kind):
   damage, bad, reason = DAMAGE[kind]
   workdir = _copy(trained, tmp_path)
