@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from concept_jax import bench
+from concept_jax import bench, methods
 from tests.conftest import ROOT, subprocess_env
 
 # Runs the benchmark with TensorFlow and tensorflow-datasets unimportable, as on the GPU machine.
@@ -118,7 +118,8 @@ def test_rows_are_parsed_and_bad_ones_explained():
   assert bench.parse_rows('concept_tuning, erm:128', 48) == [('concept_tuning', 48), ('erm', 128)]
   with pytest.raises(ValueError, match="erm:128"):
     bench.parse_rows('erm:big', 48)
-  with pytest.raises(ValueError, match="unknown row 'bogus'; rows are erm, concept_tuning, concept_loss"):
+  known = ', '.join(methods.names() + ('concept_loss',))
+  with pytest.raises(ValueError, match=f"unknown row 'bogus'; rows are {known}"):
     bench.parse_rows('erm,bogus:8', 48)
   run = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
                        cwd=ROOT, env=subprocess_env(),
