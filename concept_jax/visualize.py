@@ -1,7 +1,7 @@
 """Concept pictures: the nine boxes a run's concept search picks on a few images, with predictions.
 
-  python -m concept_jax.visualize --workdir runs/negative_transfer/s0_sr15_concept_tuning_spurious [--split test --num_images 16
-      --out DIR]
+  python -m concept_jax.visualize --workdir runs/negative_transfer/s0_sr15_concept_tuning_spurious \
+      [--split test --num_images 16 --out DIR]
 
 Reads the run's latest checkpoint and the config saved with it, rebuilds its method and model, and
 takes num_images images spread evenly over the split, with the evaluation transform. The boxes are
