@@ -21,6 +21,9 @@ results.json, interrupted ones resume, so repeating the command finishes a parti
              against, paired per seed, e.g. 'ERM from spurious': "At 15% (5 seeds), ERM from spurious
              is 8.1 +- 2.5 points below ERM from clean, and <method> is 3.0 +- 1.9 points above ERM
              from spurious; ...". Without it the sentence lists every row's gap to the reference.
+  derived    optional {row: {'of': another row, 'metric': dotted path}}: a row made of the other row's
+             runs read at another metric, e.g. Concept-Tuning's information-bottleneck head
+             ('last.test_ib') beside its main head.
   sources    optional {run name: {'row': 'spurious', 'seed': 0}}: runs with a diagnostics table of
   source_metrics  {column name: dotted path}, e.g. {'source test': 'last.test_main'} (columns
              in name order, as a ConfigDict keeps them), or ((column name, path), ...) in column order.
@@ -68,7 +71,7 @@ def check(config) -> dict:
   if 'comparison' not in config:
     raise ValueError('The config has no `comparison` field: it is not a comparison config. Run a '
                      'single run or a stages config with `python -m concept_jax.main`.')
-  c = {'sources': {}, 'source_metrics': {}, 'marked': (), 'baseline': '', 'rows': (),
+  c = {'sources': {}, 'source_metrics': {}, 'marked': (), 'baseline': '', 'rows': (), 'derived': {},
        **config.comparison.to_dict()}
   missing = [k for k in ('runs', 'reference', 'metric') if not c.get(k)]
   if missing:
@@ -89,6 +92,11 @@ def check(config) -> dict:
   for field in ('runs', 'sources'):
     c[field] = {n: c[field][n] for n in config.stage_order if n in c[field]}
   rows = list(dict.fromkeys(r['row'] for r in c['runs'].values()))
+  bad = {d: spec for d, spec in c['derived'].items() if spec.get('of') not in rows or 'metric' not in spec}
+  if bad:
+    raise ValueError(f'config.comparison.derived {bad}: each needs an existing row as `of` and a '
+                     f'`metric`; rows: {rows}.')
+  rows += [d for d in c['derived'] if d not in rows]
   if c['rows'] and sorted(c['rows']) != sorted(rows):
     raise ValueError(f'config.comparison.rows {list(c["rows"])} must list the rows of runs once each: '
                      f'{rows}.')
@@ -120,6 +128,9 @@ def collect(comparison: dict, results: dict) -> tuple[list[dict], list[str]]:
   without a result; rate None for source runs). missing: 'run name: why', once per such run.
   """
   wanted = [(n, r, r['rate'], comparison['metric']) for n, r in comparison['runs'].items()]
+  wanted += [(n, dict(r, row=row), r['rate'], spec['metric'])
+             for row, spec in comparison.get('derived', {}).items()
+             for n, r in comparison['runs'].items() if r['row'] == spec['of']]
   wanted += [(n, r, None, path) for n, r in comparison['sources'].items()
              for path in comparison['source_metrics'].values()]
   out, missing = [], []

@@ -237,6 +237,28 @@ def test_means_sample_stds_and_paired_gaps_match_numpy():
   assert missing == [f'{n}: not run yet' for n in comparison['sources']]
 
 
+def test_a_derived_row_reads_another_rows_runs_at_its_own_metric():
+  config = comparison_config()
+  config.comparison.derived = {'CT second head': {'of': ROWS['ct'], 'metric': 'last.test_ib'}}
+  checked = compare.check(config)
+  assert checked['rows'][-1] == 'CT second head'
+  results = {}
+  for n, r in checked['runs'].items():
+    results[n] = fake_summary(n, r['seed'])
+    results[n]['last']['test_ib'] = results[n]['last']['test_main'] + (5.0 if r['row'] == ROWS['ct'] else 0)
+  results.update({n: fake_summary(n, r['seed']) for n, r in checked['sources'].items()})
+  records, missing = compare.collect(checked, results)
+  table = compare.target_table(records, checked)
+  for rate, rows in table.items():
+    ct, second = rows[ROWS['ct']], rows['CT second head']
+    assert second['value'].mean == pytest.approx(ct['value'].mean + 5.0)
+    assert second['gap'].mean == pytest.approx(ct['gap'].mean + 5.0)
+  assert missing == []
+  config.comparison.derived = {'x': {'of': 'no such row', 'metric': 'last.test_ib'}}
+  with pytest.raises(ValueError, match='derived'):
+    compare.check(config)
+
+
 def test_a_missing_run_is_reported_and_gaps_stay_paired():
   comparison, results = _records()
   del results[_name('spurious', 15, 1)]                                  # not run
