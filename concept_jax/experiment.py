@@ -67,7 +67,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> li
         summary = runner(_resolve_references(stage, workdir), stage_dir)
         timed.append((*_work(stage), time.perf_counter() - t))
     summaries[name] = dict(summary, run=name)
-    if 'preempted_at' in summary:
+    if 'preempted_at' in summary or summary.get('stop_requested'):
       train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
       return list(summaries.values())
   for name in elsewhere:

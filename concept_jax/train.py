@@ -55,6 +55,10 @@ class _Preemption:
       self._requested = multihost_utils.reached_preemption_sync_point(step)
     return self._requested
 
+  def received(self) -> bool:
+    """Whether a request has been seen, without a new agreement between processes."""
+    return self._requested
+
   def restore(self):
     if not self._multi_process:
       signal.signal(signal.SIGTERM, self._previous)
@@ -276,6 +280,9 @@ def run(config, workdir: str) -> dict:
         t_last = time.perf_counter()
       if step % config.checkpoint_every == 0 or step == total_steps or stop:
         save(step)
+    # A SIGTERM during the last step's evaluation or save finds the run complete; whoever runs the
+    # next stage must still hear it.
+    late_stop = step == total_steps and preemption.received()
   finally:
     bar.close()
     preemption.restore()
@@ -293,4 +300,4 @@ def run(config, workdir: str) -> dict:
     with open(path + '.tmp', 'w') as f:
       json.dump(summary, f, indent=2)
     os.replace(path + '.tmp', path)
-  return summary
+  return dict(summary, stop_requested=True) if late_stop else summary

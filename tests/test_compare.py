@@ -172,6 +172,17 @@ def test_stages_held_by_another_process_are_left_to_it_and_read_back(tmp_path):
   assert not any(p.name == experiment.LOCK for p in tmp_path.rglob('*'))
 
 
+def test_a_sigterm_that_arrives_as_a_stage_finishes_stops_the_sequence(tmp_path):
+  config = comparison_config()
+  fake = FakeRunner()
+
+  def runner(stage, run_dir):
+    return dict(fake(stage, run_dir), stop_requested=True)   # train.run's answer to a late SIGTERM
+
+  summaries = experiment.run_stages(config, str(tmp_path), runner=runner)
+  assert len(fake.calls) == 1 and len(summaries) == 1
+
+
 def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
   config = comparison_config()
   lock = tmp_path / 's0_source' / experiment.LOCK
