@@ -317,8 +317,18 @@ def run(config, workdir: str, runner=train.run) -> dict:
   RUN_DIR/results.json as train.run does). Returns {'records', 'missing', 'table', 'sources',
   'sentence'}.
   """
-  comparison = check(config)
+  check(config)
   summaries = {s['run']: s for s in experiment.run_stages(config, workdir, runner)}
+  return report(config, workdir, summaries)
+
+
+def report(config, workdir: str, summaries: dict | None = None) -> dict:
+  """Writes and prints the table of the runs finished so far, training nothing (summaries: by run
+  name; None reads every WORKDIR/<run>/results.json there is), e.g. while a comparison still runs."""
+  comparison = check(config)
+  if summaries is None:
+    summaries = {n: s for n in config.stage_order
+                 if (s := experiment.read_results(os.path.join(workdir, n))) is not None}
   records, missing = collect(comparison, summaries)
   table, sources = target_table(records, comparison), source_table(records, comparison)
   text = markdown(table, sources, missing, comparison)

@@ -183,6 +183,15 @@ def test_a_sigterm_that_arrives_as_a_stage_finishes_stops_the_sequence(tmp_path)
   assert len(fake.calls) == 1 and len(summaries) == 1
 
 
+def test_a_report_of_a_partial_comparison_trains_nothing(tmp_path):
+  config = comparison_config()
+  compare.run(config, str(tmp_path), runner=FakeRunner(stop_after=5))
+  report = compare.report(config, str(tmp_path))
+  assert f'{config.stage_order[6]}: not run yet' in report['missing']
+  assert (tmp_path / 'results.md').read_text().startswith('`last.test_main`')
+  assert not (tmp_path / config.stage_order[6]).joinpath('results.json').exists()
+
+
 def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
   config = comparison_config()
   lock = tmp_path / 's0_source' / experiment.LOCK
