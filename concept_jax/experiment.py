@@ -51,8 +51,8 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> li
     else:
       dependency = stage.pretrained.path[1:] if stage.pretrained.path.startswith('@') else None
       if dependency in elsewhere and _wait_for(os.path.join(workdir, dependency), poll) is None:
-        raise FileNotFoundError(f'Stage {name} starts from {dependency}, which another process left '
-                           'unfinished; repeat the command to finish both here.')
+        raise FileNotFoundError(f'Stage {name} starts from {dependency}, which another process '
+                                'left unfinished; repeat the command to finish both here.')
       with StageLock(stage_dir) as lock:
         if not lock.held:
           train.log(f'[{i}/{len(order)}] {name}: running in another process ({lock.owner}); '
@@ -60,7 +60,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> li
           elsewhere.append(name)
           continue
         todo = [_work(config.stages[n]) for n in order[i - 1:]
-                if not os.path.exists(os.path.join(workdir, n, 'results.json'))]
+                if read_results(os.path.join(workdir, n)) is None]
         train.log(f'[{i}/{len(order)}] {name} ... '
                   f'({progress(time.perf_counter() - start, timed, todo)})')
         t = time.perf_counter()
