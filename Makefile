@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/negative_transfer
+# Two processes share the demo's six runs: on 2 CPU cores one process leaves a third of them idle.
+DEMO_WORKERS ?= 2
 
 .PHONY: demo test bench
 
@@ -25,9 +27,11 @@ $(VENV)/.test: $(VENV)/.package requirements-test.txt
 
 # Finished runs in DEMO_DIR are read back, not trained again (the full benchmark shares the directory).
 demo: $(VENV)/.package
-	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/negative_transfer.py:demo --workdir $(DEMO_DIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/negative_transfer.py:demo --workdir $(DEMO_DIR) --workers=$(DEMO_WORKERS)
 
+# The allocator settings the entry points give themselves (concept_jax/runtime.py), for the tests.
 test: $(VENV)/.test
+	GLIBC_TUNABLES=$$($(PY) -c 'from concept_jax import runtime; print(runtime.MALLOC_TUNABLES)') \
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
 
 bench: $(VENV)/.package

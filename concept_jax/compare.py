@@ -310,16 +310,17 @@ def chart(table: dict, comparison: dict, path: str) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def run(config, workdir: str, runner=train.run) -> dict:
-  """Runs the comparison's unfinished stages, then writes and prints its table.
+def run(config, workdir: str, runner=train.run, helper: bool = False) -> dict | None:
+  """Runs the comparison's unfinished stages, then writes and prints its table (a helper process of
+  main's --workers only runs stages: None).
 
   runner(config, run_dir) -> summary trains one run (train.run; tests pass a fake that writes
   RUN_DIR/results.json as train.run does). Returns {'records', 'missing', 'table', 'sources',
   'sentence'}.
   """
   check(config)
-  summaries = {s['run']: s for s in experiment.run_stages(config, workdir, runner)}
-  return report(config, workdir, summaries)
+  summaries = {s['run']: s for s in experiment.run_stages(config, workdir, runner, helper=helper)}
+  return None if helper else report(config, workdir, summaries)
 
 
 def report(config, workdir: str, summaries: dict | None = None) -> dict:

@@ -7,7 +7,8 @@ remembers the config it was started with (WORKDIR/<stage>/stage_config.json): a 
 has changed since is refused rather than read back, so a table never mixes old settings with new ones.
 Before each stage a progress line gives its place in the order, the time so far and an estimate of
 the time left. Several processes may run one stages config in the same workdir at once, e.g. one per
-GPU or per core: each takes the stages no other process holds (StageLock).
+GPU or per host, or `--workers=2` on a 2-core CPU (concept_jax/main.py starts the others): each takes
+the next stage that no other process holds (StageLock) and whose source has finished.
 """
 import json
 import os
@@ -17,23 +18,29 @@ import time
 from concept_jax import train, validate
 
 
-def run(config, workdir: str) -> list[dict]:
-  """Runs config (or its stages); prints and returns one summary per run."""
+def run(config, workdir: str, helper: bool = False) -> list[dict]:
+  """Runs config (or its stages); prints and returns one summary per run (helper: see run_stages)."""
   if 'stages' not in config:
     summaries = [train.run(config, workdir)]
   else:
-    summaries = run_stages(config, workdir)
-  train.log(results_table(summaries))
+    summaries = run_stages(config, workdir, helper=helper)
+  if not helper:
+    train.log(results_table(summaries))
   return summaries
 
 
-def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> list[dict]:
-  """Runs config.stage_order one by one, each in WORKDIR/<stage>; one summary per stage reached,
-  each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun resumes it).
+def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
+               helper: bool = False) -> list[dict]:
+  """Runs config.stage_order's stages, each in WORKDIR/<stage>; one summary per finished stage, in
+  that order, each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun
+  resumes it).
 
+  Each time, the process takes the first stage in the order that is unfinished, held by no other
+  process (StageLock) and whose '@' source has finished; while there is none it waits (every `poll`
+  seconds) for the other processes' stages. A helper (main's --workers) stops instead once every
+  stage left is held by another process or waits for one; the others wait for the whole set.
   runner(config, run_dir) -> summary trains one run and writes RUN_DIR/results.json (train.run; tests
-  pass a fake). A stage another process is running (StageLock) is left to it and read back at the end
-  (every `poll` seconds); a stage whose '@' source runs elsewhere waits for that source first.
+  pass a fake).
   """
   order = tuple(config.stage_order)
   unknown = [name for name in order if name not in config.stages]
@@ -41,39 +48,48 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 30.0) -> li
     raise ValueError(f'stage_order names {unknown}, which are not in config.stages '
                      f'({sorted(config.stages)}).')
   validate.check_stages(config, workdir)  # every stage before the first one runs
-  start, timed, summaries, elsewhere = time.perf_counter(), [], {}, []
-  for i, name in enumerate(order, 1):
-    stage, stage_dir = config.stages[name], os.path.join(workdir, name)
-    check_stage_config(stage, stage_dir)
-    summary = read_results(stage_dir)
-    if summary is not None:
-      train.log(f'[{i}/{len(order)}] {name}: finished earlier, results.json read back')
-    else:
-      dependency = stage.pretrained.path[1:] if stage.pretrained.path.startswith('@') else None
-      if dependency in elsewhere and _wait_for(os.path.join(workdir, dependency), poll) is None:
-        raise FileNotFoundError(f'Stage {name} starts from {dependency}, which another process '
-                                'left unfinished; repeat the command to finish both here.')
+  for name in order:
+    check_stage_config(config.stages[name], os.path.join(workdir, name))
+  number = {name: i for i, name in enumerate(order, 1)}
+  start, timed, done, first_look = time.perf_counter(), [], {}, True
+  while True:
+    for name in order:
+      if name not in done and (summary := read_results(os.path.join(workdir, name))) is not None:
+        done[name] = dict(summary, run=name)
+        how = 'finished earlier' if first_look else 'finished by another process'
+        train.log(f'[{number[name]}/{len(order)}] {name}: {how}, results.json read back')
+    first_look = False
+    pending = [name for name in order if name not in done]
+    if not pending:
+      break
+    ready = [name for name in pending if _source(config.stages[name]) in (None, *done)
+             or _source(config.stages[name]) not in config.stages]
+    for name in ready:
+      stage_dir = os.path.join(workdir, name)
       with StageLock(stage_dir) as lock:
-        if not lock.held:
-          train.log(f'[{i}/{len(order)}] {name}: running in another process ({lock.owner}); '
-                    'read back at the end')
-          elsewhere.append(name)
+        if not lock.held or read_results(stage_dir) is not None:
           continue
-        todo = [_work(config.stages[n]) for n in order[i - 1:]
-                if read_results(os.path.join(workdir, n)) is None]
-        train.log(f'[{i}/{len(order)}] {name} ... '
+        todo = [_work(config.stages[n]) for n in pending]
+        train.log(f'[{number[name]}/{len(order)}] {name} ... '
                   f'({progress(time.perf_counter() - start, timed, todo)})')
         t = time.perf_counter()
-        summary = runner(_resolve_references(stage, workdir), stage_dir)
-        timed.append((*_work(stage), time.perf_counter() - t))
-    summaries[name] = dict(summary, run=name)
-    if 'preempted_at' in summary or summary.get('stop_requested'):
-      train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
-      return list(summaries.values())
-  for name in elsewhere:
-    summary = _wait_for(os.path.join(workdir, name), poll)
-    summaries[name] = dict(summary or {'not_finished': 'its process stopped first'}, run=name)
-  return [summaries[name] for name in order if name in summaries]
+        summary = runner(_resolve_references(config.stages[name], workdir), stage_dir)
+        timed.append((*_work(config.stages[name]), time.perf_counter() - t))
+      done[name] = dict(summary, run=name)
+      if 'preempted_at' in summary or summary.get('stop_requested'):
+        train.log(f'Stopped at stage {name}; the rest of the stages run when the command is repeated.')
+        return [done[n] for n in order if n in done]
+      break
+    else:  # nothing to take now: the stages left are running elsewhere or wait for one that is
+      if helper:
+        break
+      time.sleep(poll)
+  return [done[name] for name in order if name in done]
+
+
+def _source(stage) -> str | None:
+  """The stage a stage starts from ('@NAME' in pretrained.path), or None."""
+  return stage.pretrained.path[1:] if stage.pretrained.path.startswith('@') else None
 
 
 LOCK = 'RUNNING'
@@ -132,16 +148,6 @@ def _alive(owner: str) -> bool:
   return True
 
 
-def _wait_for(stage_dir: str, poll: float) -> dict | None:
-  """The stage's summary once another process has finished it; None if that process let go of it
-  unfinished (preempted, failed: repeat the command to run it here)."""
-  while True:
-    summary = read_results(stage_dir)
-    if summary is not None or not os.path.exists(os.path.join(stage_dir, LOCK)):
-      return summary
-    time.sleep(poll)
-
-
 STAGE_CONFIG = 'stage_config.json'
 
 
@@ -162,9 +168,10 @@ def check_stage_config(stage, stage_dir: str) -> None:
                        f'{new!r} now). Delete that directory to run it again, or use another --workdir.')
   elif not os.path.exists(os.path.join(stage_dir, 'results.json')):
     os.makedirs(stage_dir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    tmp = f'{path}.{os.getpid()}.tmp'  # processes starting together write the same file
+    with open(tmp, 'w') as f:
       json.dump(wanted, f, indent=1)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
 
 
 def _first_difference(a, b, prefix=''):

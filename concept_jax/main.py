@@ -1,17 +1,25 @@
 """concept-jax (or python -m concept_jax.main) --config configs/NAME.py[:key=value,...] --workdir DIR
 
 One run, a stages config (concept_jax/experiment.py) or a comparison (concept_jax/compare.py).
+--workers=N runs a stages config with N processes on this machine: this one and N - 1 helpers it
+starts (the same command with --worker_index=k, output in WORKDIR/worker_<k>.log), each taking the
+next stage that is free and whose source has finished. One process keeps 2 CPU cores only 60% busy
+(the benchmark's small network does not split well over threads): `make demo` uses --workers=2. The
+processes are not pinned to cores: XLA:CPU's results depend on how many threads it splits work over,
+so a pinned process would not reproduce a run made alone.
 """
 import functools
 import importlib.util
 import os
+import signal
+import subprocess
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from concept_jax import compare, distributed, experiment
+from concept_jax import compare, distributed, experiment, runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with optional :key=value arguments.',
                                           lock_config=True)
@@ -21,6 +29,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (multi-process).')
 _DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                                  "jax.distributed: 'auto' starts it when a coordinator is given.")
+_WORKERS = flags.DEFINE_integer('workers', 1, 'Processes that run a stages config together on this '
+                                'machine (this one starts the others); 2 on a 2-core CPU.')
+_WORKER_INDEX = flags.DEFINE_integer('worker_index', 0, 'Set by --workers on the processes it starts '
+                                     '(1, 2, ...): run stages until none is left to take; no table.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Errors that describe bad input and say how to fix it (OSError: the file system's own, e.g. a full disk
@@ -67,11 +79,44 @@ def config_errors(argv: list[str]) -> str:
   return ''
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, helper: bool = False):
   """A comparison config (a `comparison` field) -> compare.run; else experiment.run."""
   if 'comparison' in config:
-    return compare.run(config, workdir)
-  return experiment.run(config, workdir)
+    return compare.run(config, workdir, helper=helper)
+  return experiment.run(config, workdir, helper=helper)
+
+
+def start_helpers(config, workdir: str, workers: int) -> list[subprocess.Popen]:
+  """The workers - 1 helper processes of --workers, each logging to WORKDIR/worker_<k>.log."""
+  if workers < 1:
+    raise ValueError(f'--workers={workers}: give 1 or more processes.')
+  if workers == 1 or _WORKER_INDEX.value:
+    return []
+  if 'stages' not in config:
+    raise ValueError(f'--workers={workers} shares the stages of a stages config or a comparison '
+                     'among processes; this config is one run: leave --workers out.')
+  if _NUM_PROCESSES.value > 1:
+    raise ValueError('--workers starts processes on this machine; with --num_processes (one run over '
+                     'several processes) leave it out.')
+  os.makedirs(workdir, exist_ok=True)
+  helpers = []
+  for k in range(1, workers):
+    command = [sys.executable, '-m', 'concept_jax.main', *sys.argv[1:], f'--worker_index={k}']
+    with open(os.path.join(workdir, f'worker_{k}.log'), 'a') as log:
+      helpers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+  logs = ', '.join(f'worker_{k}.log' for k in range(1, workers))
+  print(f'{workers - 1} helper process(es) started; their output: {logs} in {workdir}', flush=True)
+  return helpers
+
+
+def stop_helpers(helpers: list[subprocess.Popen]) -> None:
+  """Ends the helpers. Once this process has finished, no stage is left for them; when it stops early
+  (an error, SIGTERM), SIGTERM makes each save the stage it runs, which a rerun resumes."""
+  for helper in helpers:
+    if helper.poll() is None:
+      helper.send_signal(signal.SIGTERM)
+  for helper in helpers:
+    helper.wait()
 
 
 def main(argv, run=run):
@@ -81,9 +126,13 @@ def main(argv, run=run):
     # Orbax logs every save step at INFO; --verbosity=0 brings that back.
     logging.set_verbosity(logging.WARNING)
   try:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           _DISTRIBUTED.value)
-    run(_CONFIG.value, _WORKDIR.value)
+    helpers = start_helpers(_CONFIG.value, _WORKDIR.value, _WORKERS.value)
+    try:
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                             _DISTRIBUTED.value)
+      run(_CONFIG.value, _WORKDIR.value, helper=_WORKER_INDEX.value > 0)
+    finally:
+      stop_helpers(helpers)
   except Exception as e:  # pylint: disable=broad-except
     fail(e, verbose)
 
@@ -106,9 +155,11 @@ def fail(e: Exception, verbose: bool):
 
 def cli(run=run):
   """The command line; run(config, workdir) is what it calls (python -m concept_jax.compare: compare.run)."""
+  runtime.restart_with_malloc_settings()
   problem = config_errors(sys.argv[1:])
   if problem:
     sys.exit(f'concept_jax: error: {problem}')
+  runtime.persistent_compilation_cache()
   app.run(functools.partial(main, run=run))
 
 

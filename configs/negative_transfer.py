@@ -1,7 +1,8 @@
 """Negative transfer on real handwritten digits: a source model that learnt a spurious colour, fine-tuned.
 
 Run the whole benchmark (5 paired seeds, 15% and 30%; README "Does it work?" has the table it makes):
-  python -m concept_jax.compare --config configs/negative_transfer.py --workdir runs/negative_transfer
+  python -m concept_jax.compare --config configs/negative_transfer.py --workdir runs/negative_transfer \
+      --workers=2    # two processes share the runs: one leaves a third of 2 CPU cores idle
 `make demo` runs its first seed at 15% (`:demo`) in the same workdir, so either reuses the other's
 finished runs (the source models above all). Arguments (':key=value,...'; lists are '/'-separated):
   methods   fine-tuning methods started from the spurious source, besides ERM (default concept_tuning;
@@ -46,6 +47,7 @@ SOURCE, TARGET = 'source', 'target'
 # Concept-Tuning's benchmark settings, chosen on the target validation split (README "Does it work?"
 # gives the search); the recipes' official defaults (configs/cub200.py ...) are untouched.
 CONCEPT_TUNING = dict(queue_size=8, confusing=4, patch_size=16, channels_per_concept=2, momentum=0.99)
+REFERENCES = ('ERM from clean', 'ERM from spurious', 'scratch')  # the table's first rows
 VIEW_SCALE = (0.5, 1.0)  # RandomResizedCrop area range of every method's views on 32 px digits
 # Changes to CONCEPT_TUNING: candidates of the settings search, and the ablations (each term off).
 VARIANTS = {
@@ -132,11 +134,12 @@ def get_config(arg=None):
       stages[name] = source(variant, seed, a)
       sources[name] = {'row': variant, 'seed': seed}
     for rate in (int(r) for r in a.rates.split('/')):
-      runs = {'ERM from clean': ('erm', '', f's{seed}_source_clean'),
-              'ERM from spurious': ('erm', '', f's{seed}_source_spurious'),
-              'scratch': ('erm', '', '')}
-      runs.update({f'{m}{v and f"[{v}]"} from spurious': (m, v, f's{seed}_source_spurious')
-                   for m, v in methods})
+      # The methods' runs before the references': the longest first, so that with --workers the
+      # last stage to start is a short one.
+      runs = {f'{m}{v and f"[{v}]"} from spurious': (m, v, f's{seed}_source_spurious')
+              for m, v in methods}
+      runs.update(zip(REFERENCES, [('erm', '', f's{seed}_source_clean'),
+                                   ('erm', '', f's{seed}_source_spurious'), ('erm', '', '')]))
       for row, (method, variant, start) in runs.items():
         name = f's{seed}_sr{rate}_' + row.replace(' from ', '_').replace(' ', '_')
         name = name.replace('[', '-').replace(']', '').replace('.', 'p')  # ConfigDict keys: no dots
@@ -147,16 +150,18 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.stages = stages
   c.stage_order = tuple([n for n in stages if n not in later] + later)
+  # Concept-Tuning's second classifier, the front-door branch's information-bottleneck head, read
+  # from the same runs: the official script reports the better of the two heads.
+  derived = ({'concept_tuning IB head from spurious': {'of': 'concept_tuning from spurious',
+                                                       'metric': f'last.{a.metric}_ib'}}
+             if ('concept_tuning', '') in methods else {})
   c.comparison = {
       'runs': rows, 'sources': sources,
+      'rows': tuple(dict.fromkeys([*REFERENCES, *(r['row'] for r in rows.values()), *derived])),
       'reference': 'ERM from clean', 'baseline': 'ERM from spurious',
       'marked': ('ERM from clean', 'scratch'),
       'metric': f'last.{a.metric}_main',
-      # Concept-Tuning's second classifier, the front-door branch's information-bottleneck head, read
-      # from the same runs: the official script reports the better of the two heads.
-      'derived': {'concept_tuning IB head from spurious': {'of': 'concept_tuning from spurious',
-                                                           'metric': f'last.{a.metric}_ib'}}
-      if ('concept_tuning', '') in methods else {},
+      'derived': derived,
       'source_metrics': (('source test', 'last.test_main'), ('colours shuffled', 'last.shuffled_main')),
   }
   return c

@@ -11,7 +11,7 @@ if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
 
 import pytest  # noqa: E402
 
-from concept_jax import methods, recipes  # noqa: E402
+from concept_jax import methods, recipes, runtime  # noqa: E402
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def subprocess_env(**extra) -> dict:
   """Environment for a child `python` running project code: CPU, unbuffered, the shared compile cache."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', PYTHONPATH=ROOT,
+             GLIBC_TUNABLES=runtime.MALLOC_TUNABLES,  # what the entry points would restart with
              JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   env.update(extra)

@@ -167,9 +167,44 @@ def test_stages_held_by_another_process_are_left_to_it_and_read_back(tmp_path):
   summaries = experiment.run_stages(config, str(tmp_path), runner=runner, poll=0.05)
   assert source not in source_done                 # left to the other process
   assert source_done[dependent]                    # started only once its source had finished
+  assert not source_done[_name('scratch', 15, 0)]  # a stage with no source did not wait for it
+  assert not source_done['s1_source']
   assert [s['run'] for s in summaries] == list(config.stage_order)
   assert all('official' in s or 'last' in s for s in summaries)
   assert not any(p.name == experiment.LOCK for p in tmp_path.rglob('*'))
+
+
+def test_a_helper_stops_when_what_is_left_waits_for_another_process(tmp_path):
+  config = comparison_config()
+  lock = tmp_path / 's0_source' / experiment.LOCK
+  lock.parent.mkdir()
+  lock.write_text(f'{socket.gethostname()} {os.getppid()}')  # held by a live process, never finished
+  runner = FakeRunner()
+  summaries = experiment.run_stages(config, str(tmp_path), runner=runner, poll=0.05, helper=True)
+  ran = {name for name, _ in runner.calls}
+  waiting = {n for n in config.stage_order
+             if n == 's0_source' or config.stages[n].pretrained.path == '@s0_source'}
+  assert ran == set(config.stage_order) - waiting   # everything else, then it stopped
+  assert [s['run'] for s in summaries] == [n for n in config.stage_order if n in ran]
+
+
+def test_two_worker_processes_share_a_comparison(tmp_path):
+  workdir = tmp_path / 'demo'
+  done = subprocess.run(
+      [sys.executable, '-m', 'concept_jax.main', '--config=configs/negative_transfer.py:demo,fast',
+       f'--workdir={workdir}', '--workers=2'],
+      cwd=ROOT, env=subprocess_env(TFDS_DATA_DIR=str(tmp_path / 'tfds')), capture_output=True, text=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  helper = (workdir / 'worker_1.log').read_text()
+  started = lambda text: {line.split()[1] for line in text.splitlines()
+                          if line.startswith('[') and ' ... (elapsed' in line}
+  mine, theirs = started(done.stdout), started(helper)
+  assert mine and theirs and not mine & theirs, (done.stdout, helper)
+  assert len(mine | theirs) == 6                    # the demo's six stages, each run once
+  assert 'ERM from spurious is' in done.stdout      # the table and sentence, from the main process
+  assert 'ERM from spurious is' not in helper
+  assert not list(workdir.rglob(experiment.LOCK))
 
 
 def test_a_sigterm_that_arrives_as_a_stage_finishes_stops_the_sequence(tmp_path):

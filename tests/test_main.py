@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from concept_jax import runtime
 from tests.conftest import ROOT, subprocess_env
 
 TINY_ERM = ['--config', 'configs/cub200.py:tiny,method=erm', '--config.model.depth=0',
@@ -94,3 +95,16 @@ def test_wrong_weight_file_is_explained(tmp_path):
   assert run.returncode != 0
   assert 'not a readable .safetensors file' in run.stderr
   assert 'Traceback' not in run.stderr
+
+
+@pytest.mark.parametrize('user_setting', ['', 'glibc.malloc.arena_max=2'])
+def test_entry_points_restart_with_the_allocator_settings_and_cache_compilations(tmp_path, user_setting):
+  env = subprocess_env(XDG_CACHE_HOME=str(tmp_path), GLIBC_TUNABLES=user_setting)
+  env.pop('JAX_COMPILATION_CACHE_DIR')
+  code = ('import os; from concept_jax import runtime; runtime.restart_with_malloc_settings(); '
+          'print(os.environ["GLIBC_TUNABLES"]); print(runtime.persistent_compilation_cache())')
+  done = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  tunables, cache = done.stdout.split()
+  assert tunables == (user_setting or runtime.MALLOC_TUNABLES)   # a user's malloc setting is kept
+  assert cache == str(tmp_path / 'concept_jax' / 'xla')

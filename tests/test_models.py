@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_jax.models import resnet
+from concept_jax.models import conv, resnet
 from concept_jax.models.classifier import Classifier
 from concept_jax.models.projector import Projector
 
@@ -193,3 +193,29 @@ def test_stem_max_pool_uses_torchs_windows(tiny):
   expected = np.stack([np.stack([x[:, max(2 * i - 1, 0):2 * i + 2, max(2 * j - 1, 0):2 * j + 2].max((1, 2))
                                  for j in range(size)], 1) for i in range(size)], 1)
   np.testing.assert_array_equal(out['stages']['stem'], expected)
+
+
+@pytest.mark.parametrize('shape,kernel,stride', [
+    ((3, 2, 2, 5), 3, 1),    # a 16 px patch's layer4 through the small stem: the im2col path
+    ((3, 4, 4, 5), 3, 2),    # the strided conv into it
+    ((3, 3, 5, 5), 3, 2),    # not square
+    ((3, 6, 6, 5), 7, 2),    # a 7x7 kernel
+    ((3, 8, 8, 5), 3, 1)])   # a map as large as the kernel's output: lax's own convolution
+def test_conv_on_small_maps_equals_lax_conv_with_its_gradients(shape, kernel, stride):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 4))
+  pad = ((kernel // 2,) * 2,) * 2
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.sin(f(x, w, (stride, stride), pad, dimension_numbers=numbers)))
+
+  want, want_grads = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got, got_grads = jax.value_and_grad(loss(conv.conv_general_dilated), (0, 1))(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for g, h in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+  small = (shape[1] + 2 * pad[0][0] - kernel) // stride + 1 < kernel
+  hlo = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (stride, stride), pad,
+                                                       dimension_numbers=numbers)).lower(x, w).as_text()
+  assert ('convolution' in hlo) != small   # which path ran

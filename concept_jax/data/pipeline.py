@@ -220,16 +220,14 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
     raise ValueError(f'The training set of {data_config.name!r} is empty under this config.')
   perm = _EpochPermutation(n, seed)
 
-  def positions(step):
-    while True:
-      base = step * global_batch_size + process_index * b
-      yield from range(base, base + b)
-      step += 1
+  indices, labels = np.asarray(subset.indices, np.int64), np.asarray(subset.labels, np.int32)
 
-  def generate():
-    for g in positions(start_step):
-      i = perm(g)
-      yield _payload(subset, i), subset.indices[i], subset.labels[i], g
+  def generate():  # a step's rows per call: tf.data's cost per generated element is paid per step
+    for step in itertools.count(start_step):
+      first = step * global_batch_size + process_index * b
+      g = np.arange(first, first + b, dtype=np.int64)
+      rows = [perm(p) for p in g]
+      yield [_payload(subset, i) for i in rows], indices[rows], labels[rows], g
 
   load = _loader(subset, data_config, tf)
   seed_t = tf.constant(int(seed), tf.int64)
@@ -240,8 +238,8 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
     return {'images': tf.stack(out), 'label': label}
 
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
-      tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int32),
-      tf.TensorSpec((), tf.int64)))
+      tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
+      tf.TensorSpec((b,), tf.int64))).unbatch()
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
 
@@ -275,13 +273,14 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
     raise ValueError(f'The {split!r} split of {data_config.name!r} is empty{hint}.')
   steps = -(-n // batch_size)
 
-  def generate():
+  indices, labels = np.asarray(subset.indices, np.int64), np.asarray(subset.labels, np.int32)
+
+  def generate():  # a batch per call, as in train_batches
     for s in range(steps):
-      for g in range(s * batch_size + process_index * b, s * batch_size + (process_index + 1) * b):
-        if g < n:
-          yield _payload(subset, g), subset.indices[g], subset.labels[g], True
-        else:
-          yield b'', 0, 0, False
+      g = np.arange(s * batch_size + process_index * b, s * batch_size + (process_index + 1) * b)
+      valid, rows = g < n, np.minimum(g, n - 1)
+      yield ([_payload(subset, i) if v else b'' for i, v in zip(rows, valid)],
+             np.where(valid, indices[rows], 0), np.where(valid, labels[rows], 0), valid)
 
   load = _loader(subset, data_config, tf)
   blank = tf.zeros([image_size, image_size, 3], tf.uint8)
@@ -295,8 +294,8 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
     return {'image': image, 'label': label, 'mask': valid}
 
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
-      tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int32),
-      tf.TensorSpec((), tf.bool)))
+      tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
+      tf.TensorSpec((b,), tf.bool))).unbatch()
   ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
   rows_of = lambda s: [g for g in range(s * batch_size, (s + 1) * batch_size) if g < n]

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from concept_jax.models import conv
 from concept_jax.models.stoch_norm import StochNorm
 
 # depth -> (block kind, blocks per stage). ResNet-10 (one BasicBlock per stage) is the small network of
@@ -64,7 +65,8 @@ def feature_dim(depth: int, width: int = 64) -> int:
 def _conv(features: int, kernel: int, stride: int, name: str, dtype) -> nn.Conv:
   pad = kernel // 2  # torch's symmetric padding; see the module docstring
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+                 use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 def norm_layer(kind: str = 'batch', stoch_norm_p: float = 0.5) -> Callable[..., nn.Module]:

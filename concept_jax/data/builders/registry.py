@@ -8,6 +8,7 @@ Examples are put in a canonical order, sorted by (label, file name), so that ind
 (sampling-rate subsets, validation hold-out) depend only on the data, not on tfds shard order.
 """
 import dataclasses
+import fcntl
 import functools
 import os
 
@@ -138,7 +139,13 @@ def prepared_builder(name, data_dir, manual_dir=None, planted=None):
   if builder.is_prepared():
     return builder
   if get_spec(name).builder in _OFFLINE:
-    builder.download_and_prepare()
+    # One process prepares, others (main's --workers) wait and then read what it wrote.
+    os.makedirs(resolve_data_dir(data_dir), exist_ok=True)
+    with open(os.path.join(resolve_data_dir(data_dir), '.concept_jax_prepare.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = make_builder(name, data_dir, manual_dir, planted)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
     return builder
   spec = get_spec(name)
   msg = (f'Data set {name!r} (tfds {builder.name!r}) is not prepared in '
