@@ -79,23 +79,25 @@ def initial_variables(method, config, rng, *, load_pretrained: bool = True) -> d
   return variables
 
 
-def prepared_statistics(method, config, variables, directory: str) -> dict:
+def prepared_statistics(method, config, variables, directory: str, batches=None) -> dict:
   """method.prepare's result, read from DIRECTORY/prepared.npz when there, else computed and saved.
 
   Every process computes it alike over the whole training set (no collectives); process 0 writes it.
+  batches: what method.prepare reads instead of the training set (the benchmark's synthetic batch).
   """
   path = os.path.join(directory, PREPARED)
   if os.path.exists(path):
     with np.load(path) as cached:
       return dict(cached)
 
-  def batches():
+  def training_set():
     for b in pipeline.eval_batches(config.data, 'train', batch_size=config.eval_batch_size,
                                    image_size=config.image_size):
       mask = b['mask']
       yield np.asarray(normalize(b['image'][mask])), b['label'][mask]
 
-  prepared = {k: np.asarray(v) for k, v in method.prepare(variables, batches()).items()}
+  batches = training_set() if batches is None else batches
+  prepared = {k: np.asarray(v) for k, v in method.prepare(variables, batches).items()}
   if prepared and jax.process_index() == 0:
     with open(path + '.tmp', 'wb') as f:  # written whole or not at all, like results.json
       np.savez(f, **prepared)
@@ -104,14 +106,16 @@ def prepared_statistics(method, config, variables, directory: str) -> dict:
 
 
 def initial_state(method, config, tx, rng, mesh, *, load_pretrained: bool = True,
-                  prepared_dir: str | None = None) -> dict:
+                  prepared_dir: str | None = None, prepare_batches=None) -> dict:
   """The step-0 state, replicated over the mesh (also the target a resumed checkpoint is read into).
 
-  prepared_dir: where method.prepare's result is cached (None: the method's prepare is not run).
+  prepared_dir: where method.prepare's result is cached (None: the method's prepare is not run);
+  prepare_batches: see prepared_statistics.
   """
   model_rng, method_rng = jax.random.split(rng)
   variables = initial_variables(method, config, model_rng, load_pretrained=load_pretrained)
-  prepared = {} if prepared_dir is None else prepared_statistics(method, config, variables, prepared_dir)
+  prepared = {} if prepared_dir is None else prepared_statistics(method, config, variables, prepared_dir,
+                                                                 prepare_batches)
   state = {
       'step': np.int32(0),
       'params': variables['params'],

@@ -70,6 +70,22 @@ def test_cpu_preset_train_rows(tmp_path):
   assert 'backbone' in trace_summary.summarize(str(tmp_path / 'profile' / 'erm_b8'))
 
 
+def test_every_method_has_a_train_step_row_without_tensorflow(tmp_path):
+  """The baselines' rows too: DELTA and Co-Tuning compute their statistics on the synthetic batch,
+  LwF and Co-Tuning get a 1,000-way source head."""
+  out = tmp_path / 'bench.json'
+  rows = [m for m in methods.names() if m not in ('erm', 'concept_tuning')]
+  result = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_TF, '--preset=cpu', '--depth=0', '--steps=1', '--warmup=0',
+       f'--rows={",".join(rows)}', f'--out={out}'],
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert [r['method'] for r in report['rows']] == rows
+  for row in report['rows']:
+    assert _positive_finite(row['step_median_s']), row
+    assert all(math.isfinite(v) for v in row['last_step_metrics'].values()), row
+
 @pytest.mark.parametrize('source', ['synthetic', 'jpeg', 'digits'])
 def test_pipeline_throughput(tmp_path, source):
   out = tmp_path / 'pipeline.json'

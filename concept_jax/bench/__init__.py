@@ -11,7 +11,8 @@
     python -m concept_jax.bench --pipeline --pipeline_data=cub200 --pipeline_data_dir=DIR  # real data
     python -m concept_jax.bench --soak           # host memory (RSS) of the trainer over 2,000 tiny steps
 
-A row is `method[:batch]`; `concept_loss[:batch]` times the concept contrastive loss and its gradient
+A row is `method[:batch]`, any registered method (DELTA and Co-Tuning compute their one-time statistics
+from the synthetic batch, LwF and Co-Tuning get a 1,000-way source head); `concept_loss[:batch]` times the concept contrastive loss and its gradient
 alone on random unit vectors at the row's shapes (B x (1 + K + confusing x K) Sinkhorn problems), to
 split a Concept-Tuning step's time between the OT part and the rest. Every other row runs the
 trainer's real code path (methods.get, optim.make_optimizer, train.initial_state,

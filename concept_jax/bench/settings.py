@@ -113,6 +113,8 @@ def make_config(method: str, batch: int, args):
       c.method[key] = getattr(args, key)
   if 'confusing' in c.method:  # at most every other class, as the concept_loss row takes it
     c.method.confusing = min(args.confusing, args.classes - 1)
+  if methods.get(method).uses_source_head:  # LwF, Co-Tuning: ImageNet's 1,000-way head, as recipes have
+    c.model.source_classes = 1000
   return c
 
 
