@@ -59,3 +59,22 @@ def pytest_configure(config):
   jax.config.update('jax_compilation_cache_dir', os.path.join(ROOT, '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def small_stem_config(method, **changes):
+  """tiny_config with the small-image stem: a 4x4 layer4 map at 32 px, so concept boxes differ."""
+  c = tiny_config(method, epochs=1, **changes)
+  c.model.stem = 'small'
+  return c
+
+
+@pytest.fixture(scope='session')
+def concept_runs(tmp_path_factory):
+  """ROOT/source (ERM) and ROOT/ct (Concept-Tuning from it), small-stem tiny runs, trained once."""
+  from concept_jax import train
+  root = tmp_path_factory.mktemp('runs')
+  train.run(small_stem_config('erm'), str(root / 'source'))
+  target = small_stem_config('concept_tuning')
+  target.pretrained.path = str(root / 'source')
+  train.run(target, str(root / 'ct'))
+  return root

@@ -11,24 +11,7 @@ from PIL import Image
 from concept_jax import train, visualize
 from concept_jax.data.normalize import normalize
 from concept_jax.methods.concept_tuning import ConceptTuning
-from tests.conftest import ROOT, tiny_config
-
-
-def _small(method, **changes):
-  """tiny_config with the small-image stem: a 4x4 layer4 map at 32 px, so boxes differ."""
-  c = tiny_config(method, epochs=1, **changes)
-  c.model.stem = 'small'
-  return c
-
-
-@pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp('runs')
-  train.run(_small('erm'), str(root / 'source'))
-  target = _small('concept_tuning')
-  target.pretrained.path = str(root / 'source')
-  train.run(target, str(root / 'ct'))
-  return root
+from tests.conftest import ROOT
 
 
 def test_box_pixels_stay_inside_the_enlarged_image():
@@ -49,7 +32,8 @@ def test_box_pixels_stay_inside_the_enlarged_image():
   assert got[0].tolist() == [0, 0, last, last] and got[3].tolist() == [28, 33, 79, 95]
 
 
-def test_concept_tuning_pictures_use_its_key_encoders_search(runs, tmp_path):
+def test_concept_tuning_pictures_use_its_key_encoders_search(concept_runs, tmp_path):
+  runs = concept_runs
   records = visualize.visualize(str(runs / 'ct'), 'test', num_images=4, out=str(tmp_path))
   # 30 test images: four spread over them, first and last included.
   assert [r['index'] for r in records] == [0, 10, 19, 29]
@@ -75,7 +59,8 @@ def test_concept_tuning_pictures_use_its_key_encoders_search(runs, tmp_path):
   assert grid.size == (2 * 256 + 4, 2 * picture.height + 4)
 
 
-def test_erm_pictures_and_the_command_line(runs, tmp_path, capsys):
+def test_erm_pictures_and_the_command_line(concept_runs, tmp_path, capsys):
+  runs = concept_runs
   visualize.main(['--workdir', str(runs / 'source'), '--num_images', '3', '--split', 'val', '--out',
                   str(tmp_path)])
   assert 'Wrote 3 pictures' in capsys.readouterr().out
