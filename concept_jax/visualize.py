@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from concept_jax import checkpoint, methods
+from concept_jax import checkpoint, methods, recipes
 from concept_jax.concepts import search
 from concept_jax.data import pipeline
 from concept_jax.data.normalize import normalize
@@ -44,8 +44,12 @@ _CAPTION_LINES = 3
 
 
 def load_run(workdir: str):
-  """(config, state) of the latest checkpoint under workdir; state as host numpy arrays."""
-  config = ml_collections.ConfigDict(checkpoint.load_meta(workdir)['config'])
+  """(config, state) of the latest checkpoint under workdir; state as host numpy arrays. Config
+  fields the code gained since the run was made have their defaults (the run had their behaviour)."""
+  saved = checkpoint.load_meta(workdir)['config']
+  config = recipes.base_config()
+  config.method = recipes.method_config(saved['method']['name'])
+  config.update(saved)
   return config, checkpoint.load_state(workdir)
 
 

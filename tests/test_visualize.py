@@ -92,3 +92,12 @@ def test_the_cub_recipe_tiny_run(tmp_path):
     with Image.open(r['path']) as picture:
       assert picture.width == 256            # 64 px x 4
   assert os.path.exists(tmp_path / 'run' / 'concepts' / 'concepts_grid.png')
+
+
+def test_a_run_saved_before_a_config_field_existed_loads_with_its_default(concept_runs, monkeypatch):
+  from concept_jax import checkpoint
+  meta = checkpoint.load_meta(str(concept_runs / 'ct'))
+  del meta['config']['model']['norm']                      # as runs made before StochNorm saved it
+  monkeypatch.setattr(checkpoint, 'load_meta', lambda workdir: meta)
+  config, _ = visualize.load_run(str(concept_runs / 'ct'))
+  assert config.model.norm == 'batch' and config.method.name == 'concept_tuning'
