@@ -277,9 +277,11 @@ def chart(table: dict, comparison: dict, path: str) -> None:
   reference, marked = comparison['reference'], comparison['marked']
   rows = [r for r in comparison['rows'] if r != reference]
   width = 0.8 / max(len(rows), 1)
+  # tab10 without its grey (the references' colour), then tab20's light shades: 18 distinct rows.
   colours = iter(['tab:blue', 'tab:orange', 'tab:green', 'tab:red', 'tab:purple', 'tab:brown',
-                  'tab:pink', 'tab:olive', 'tab:cyan'] * 3)
-  fig = Figure(figsize=(1.6 + 1.4 * len(table) * max(len(rows), 1) ** 0.5, 4.2), dpi=120)
+                  'tab:pink', 'tab:olive', 'tab:cyan', '#aec7e8', '#ffbb78', '#98df8a', '#ff9896',
+                  '#c5b0d5', '#c49c94', '#f7b6d2', '#dbdb8d', '#9edae5'] * 2)
+  fig = Figure(figsize=(4.0 + 1.4 * len(table) * max(len(rows), 1) ** 0.5, 4.2), dpi=120)
   ax = fig.add_subplot()
   for i, row in enumerate(rows):
     style = (dict(color='0.75', hatch='//', edgecolor='0.4') if row in marked
@@ -302,8 +304,10 @@ def chart(table: dict, comparison: dict, path: str) -> None:
   ax.set_xticks(range(len(table)), [f'{rate}%' for rate in table])
   ax.set_xlabel('target sampling rate')
   ax.set_ylabel(f'paired gap to {reference} (points)')
-  ax.set_title(f"{comparison['metric']}: gap to {reference}, mean +- std over seeds", fontsize=9)
-  ax.legend(fontsize=7, loc='best')
+  derived = ', '.join(f"{row}: {spec['metric']}" for row, spec in comparison['derived'].items())
+  ax.set_title(f"{comparison['metric']}{derived and f' ({derived})'}: gap to {reference}, mean +- std "
+               'over seeds', fontsize=9)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
   fig.tight_layout()
   fig.savefig(path)
 
