@@ -72,8 +72,11 @@ def test_sigterm_saves_and_the_rerun_resumes(tmp_path):
     (['--config', 'configs/cub200.py:bogus=1'], "Unknown config argument 'bogus'; valid arguments"),
     (['--config', 'configs/cub200.py', '--config.optim.bogus=1'], "'bogus' is not a config field here"),
     (['--config=configs/cub200.py', '--config.bogus=1'], "valid fields: ['batch_size'"),
+    (['--config=configs/cub200.py:tiny', '--workers=2'], '--workers=2 shares the stages of a stages '
+                                                        'config or a comparison'),
+    (['--config=configs/negative_transfer.py:demo', '--workers=0'], '--workers=0: give 1 or more'),
 ])
-def test_unknown_config_keys_are_named(tmp_path, args, message):
+def test_unknown_config_keys_and_bad_flags_are_named(tmp_path, args, message):
   run = _main(*args, '--workdir', str(tmp_path))
   assert run.returncode != 0
   assert message in run.stderr
