@@ -30,9 +30,12 @@ demo: $(VENV)/.package
 	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m concept_jax.main --config configs/negative_transfer.py:demo --workdir $(DEMO_DIR) --workers=$(DEMO_WORKERS)
 
 # The allocator settings the entry points give themselves (concept_jax/runtime.py), for the tests.
+# TEST_WORKERS pytest processes (pytest-xdist) take whole test files each: compiling and tracing keep
+# one process on one core, so 2 halve the suite's time on a 2-core machine (each needs ~5 GB).
+TEST_WORKERS ?= 2
 test: $(VENV)/.test
 	GLIBC_TUNABLES=$$($(PY) -c 'from concept_jax import runtime; print(runtime.MALLOC_TUNABLES)') \
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(VENV)/.package
 	$(PY) -m concept_jax.bench

@@ -10,10 +10,14 @@ the time left. Several processes may run one stages config in the same workdir a
 GPU or per host, or `--workers=2` on a 2-core CPU (concept_jax/main.py starts the others): each takes
 the next stage that no other process holds (StageLock) and whose source has finished.
 """
+import contextlib
 import json
 import os
 import socket
 import time
+import types
+
+import jax
 
 from concept_jax import train, validate
 
@@ -41,7 +45,13 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
   stage left is held by another process or waits for one; the others wait for the whole set.
   runner(config, run_dir) -> summary trains one run and writes RUN_DIR/results.json (train.run; tests
   pass a fake).
+
+  Processes of one jax.distributed run (a multi-host job, launch/local.sh) train every stage together,
+  so they act as one: no locks, and what has finished is what was read at the start plus what they
+  trained, never a results.json that process 0 may not have written yet (the processes would choose
+  differently and hang in each other's collectives). Such a group does not share a workdir with others.
   """
+  group = jax.process_count() > 1
   order = tuple(config.stage_order)
   unknown = [name for name in order if name not in config.stages]
   if unknown:
@@ -53,7 +63,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
   number = {name: i for i, name in enumerate(order, 1)}
   start, timed, done, first_look = time.perf_counter(), [], {}, True
   while True:
-    for name in order:
+    for name in order if first_look or not group else ():
       if name not in done and (summary := read_results(os.path.join(workdir, name))) is not None:
         done[name] = dict(summary, run=name)
         how = 'finished earlier' if first_look else 'finished by another process'
@@ -66,8 +76,8 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
              or _source(config.stages[name]) not in config.stages]
     for name in ready:
       stage_dir = os.path.join(workdir, name)
-      with StageLock(stage_dir) as lock:
-        if not lock.held or read_results(stage_dir) is not None:
+      with contextlib.nullcontext(HELD) if group else StageLock(stage_dir) as lock:
+        if not lock.held or (not group and read_results(stage_dir) is not None):
           continue
         todo = [_work(config.stages[n]) for n in pending]
         train.log(f'[{number[name]}/{len(order)}] {name} ... '
@@ -93,6 +103,7 @@ def _source(stage) -> str | None:
 
 
 LOCK = 'RUNNING'
+HELD = types.SimpleNamespace(held=True)  # a jax.distributed group's stand-in for a StageLock
 
 
 class StageLock:

@@ -1,4 +1,5 @@
 """The benchmark end to end: the CPU preset's ERM and Concept-Tuning rows, and a tiny pipeline run."""
+import importlib
 import json
 import math
 import subprocess
@@ -172,3 +173,19 @@ def test_trace_summary_counts_exclusive_device_time_and_names_jax_ops(tmp_path):
   assert trace_summary.op_times({'traceEvents': [op(1, 0, 4, 'fusion.7')]}) == {'fusion.7': 4.0}
   with pytest.raises(FileNotFoundError, match='--profile=DIR'):
     trace_summary.summarize(str(tmp_path))
+
+
+def test_negative_transfer_preset_has_the_benchmarks_shapes():
+  """The preset times the steps of configs/negative_transfer.py (what `make demo` spends its time on)."""
+  from configs import negative_transfer
+  settings = importlib.import_module('concept_jax.bench.settings')  # bench.settings is a function
+  args = settings.parse_args(['--preset=negative_transfer'])
+  bench_config = settings.make_config('concept_tuning', args.batch, args)
+  run = negative_transfer.get_config('demo').stages['s0_sr15_concept_tuning_spurious']
+  for field in ('depth', 'width', 'stem', 'dtype', 'ib_dim'):
+    assert bench_config.model[field] == run.model[field], field
+  for field in ('queue_size', 'confusing', 'patch_size'):
+    assert bench_config.method[field] == run.method[field], field
+  assert (bench_config.image_size, bench_config.batch_size) == (run.image_size, run.batch_size)
+  assert args.classes == 5
+  assert settings.make_config('erm', 8, settings.parse_args(['--preset=cpu'])).model.stem == 'imagenet'

@@ -1,7 +1,7 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), the methods' global state (Concept-Tuning's key encoder and queues;
-on 4 devices also Bi-Tuning's, and L2-SP's and DELTA's frozen starting weights and DELTA's channel
-attention) included, and 2 processes resume from their shared checkpoint to that state too.
+the same state (to float32 rounding), the methods' global state (Concept-Tuning's key encoder and
+queues, DELTA's frozen starting weights and channel attention) included, and 2 processes resume from
+their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -25,7 +25,7 @@ import pytest
 from concept_jax import checkpoint
 from tests.conftest import ROOT, subprocess_env, tiny_config
 
-TIMEOUT_S = 240  # per layout; compiles are cached in ROOT/.jax_cache, a cached layout takes ~20 s
+TIMEOUT_S = 480  # per launch: a cold one compiles every stage in each of two processes (~2 min idle)
 
 
 def configs() -> dict:
@@ -42,14 +42,11 @@ def configs() -> dict:
   # the same rounding to ~1e-4 relative in the momentum after 4 steps.
   ct.method.beta = 0.0
   ct.optim.lr = 1e-3
-  # Bi-Tuning: its key encoder and queues are global state like Concept-Tuning's, written from the
-  # whole batch; lr 1e-3 for the same reason.
-  bt = tiny_config('bi_tuning')
-  bt.optim.lr = 1e-3
-  # L2-SP and DELTA: frozen starting weights in the state; DELTA's attention is computed by every
-  # process from the whole training set and cached by process 0.
-  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'bi_tuning': bt, 'l2_sp': tiny_config('l2_sp'),
-          'delta': tiny_config('delta')}
+  # DELTA: frozen starting weights in the state (L2-SP's kind too), and its attention is computed by
+  # every process from the whole training set and cached by process 0. Bi-Tuning's key encoder and
+  # queues are global state written from the whole batch by the modules Concept-Tuning's use
+  # (concepts/queues.py, concepts/momentum.py).
+  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'delta': tiny_config('delta')}
 
 
 def train_all(workdir: str) -> None:
@@ -61,7 +58,10 @@ def train_all(workdir: str) -> None:
 
 def _env(**extra) -> dict:
   env = subprocess_env(**extra)
-  env.pop('XLA_FLAGS', None)  # a --xla_force_host_platform_device_count here would fight ours
+  # A --xla_force_host_platform_device_count here would fight JAX_NUM_CPU_DEVICES; the suite's
+  # fast-compile flags stay (every layout compiles with them alike).
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if not f.startswith('--xla_force_host_platform_device_count'))
   return env
 
 
@@ -160,55 +160,42 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
   assert _results(four_devices / name) == _results(one_device / name)
 
 
-# Each costs two 2-process launches. Bi-Tuning's state crosses processes through the same global-batch
-# code as Concept-Tuning's, and L2-SP's frozen copy is DELTA's 'source' in kind: the four-device
-# comparison checks them. DELTA runs here too: every process prepares its attention, and the resume
-# reads the cache back.
-@pytest.mark.parametrize('name', ['erm', 'concept_tuning', 'delta'])
-def test_two_processes_train_and_resume_like_one(one_device, tmp_path, name):
-  """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint in workdir; then
-  the last checkpoint is removed and the same command resumes from the one before, read back by both
-  processes, and still ends in the one-process state."""
-  command, env = _two_processes(tmp_path, f'  return configs()[{name!r}]\n')
+# One launch runs the compared methods as the stages of one config (a multi-host comparison works this
+# way: the processes must agree on every stage they run), then a longer ERM stage that one process's
+# SIGTERM interrupts. DELTA: every process prepares its attention, and the resume reads the cache back.
+COMPARED = tuple(configs())
+STAGES_CONFIG = f"""  import ml_collections
+  stages = {{n: configs()[n] for n in {COMPARED!r}}}
+  stages['preempted'] = configs()['erm']
+  stages['preempted'].update(epochs=1, iters_per_epoch=40, checkpoint_every=1000, log_every=1)
+  return ml_collections.ConfigDict({{'stages': stages, 'stage_order': tuple(stages)}})
+"""
+
+
+def test_two_processes_train_preempt_and_resume_like_one(one_device, tmp_path):
+  """launch/local.sh: 2 processes x 2 CPU devices, both writing one Orbax checkpoint per stage in
+  workdir, train the compared stages to the one-process state. A preempted host gets SIGTERM alone
+  in the last stage: jax.distributed's preemption service makes every process save the same step and
+  exit cleanly. Then each compared stage's last checkpoint is removed, and the same command resumes
+  every stage (the compared ones from step 2, read back by both processes; the preempted one from its
+  saved step) and still ends in the one-process state."""
+  command, env = _two_processes(tmp_path, STAGES_CONFIG)
   workdir, logs = tmp_path / 'run', tmp_path / 'logs'
-
-  def launch():
-    run = _run(command, dict(env, PORT=str(_free_port())))
-    log = (logs / 'process_0.log').read_text()
-    assert '4 device(s), 2 process(es)' in log, log[-3000:] + run.stderr[-2000:]
-    return log
-
-  launch()
-  assert_same_state(workdir, one_device / name)
-  assert _results(workdir) == _results(one_device / name)
-
-  checkpoints = workdir / checkpoint.SUBDIR
-  assert sorted(os.listdir(checkpoints)) == ['2', '4']
-  shutil.rmtree(checkpoints / '4')
-  os.remove(workdir / 'results.json')
-  # Process 0 reports for both; had process 1 not restored step 2 too, the states would differ.
-  log = launch()
-  assert f'Resumed from {checkpoints} at step 2' in log, log[-3000:]
-  assert_same_state(workdir, one_device / name)
-  assert _results(workdir) == _results(one_device / name)
-
-
-def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(tmp_path):
-  """A preempted host gets SIGTERM alone: jax.distributed's preemption service makes every process
-  save the same step and exit cleanly, and the same command resumes from it."""
-  command, env = _two_processes(
-      tmp_path, '  c = configs()["erm"]\n'
-      '  c.epochs, c.iters_per_epoch, c.checkpoint_every, c.log_every = 1, 40, 1000, 1\n'
-      '  return c\n')
-  workdir, logs = tmp_path / 'run', tmp_path / 'logs'
-  proc = _start(command, dict(env, PORT=str(_free_port())))
+  log_0 = lambda: _read(logs / 'process_0.log')
   logs_tail = lambda: ''.join(f'\n{name}: {_read(logs / name)[-3000:]}'
                               for name in ('process_0.log', 'process_1.log'))
+
+  def assert_like_one_device():
+    for name in COMPARED:
+      assert_same_state(workdir / name, one_device / name)
+      assert _results(workdir / name) == _results(one_device / name)
+
+  proc = _start(command, dict(env, PORT=str(_free_port())))
   try:
     # local.sh names the process ids first; process 0 logs every step.
     pids = proc.stderr.readline().split('(pids ')[1].split(')')[0].split()
     deadline = time.monotonic() + TIMEOUT_S
-    while 'step 3/' not in _read(logs / 'process_0.log'):
+    while 'step 3/40' not in log_0():
       assert proc.poll() is None and time.monotonic() < deadline, logs_tail()
       time.sleep(0.2)
     os.kill(int(pids[1]), signal.SIGTERM)
@@ -216,16 +203,25 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(tmp
     os.killpg(proc.pid, signal.SIGKILL)
     raise
   _finish(proc, logs_tail)
-  log = _read(logs / 'process_0.log')
-  assert 'SIGTERM: saved step' in log, log[-3000:]
+  log = log_0()
+  assert '4 device(s), 2 process(es)' in log and 'SIGTERM: saved step' in log, log[-3000:]
   saved = int(log.split('SIGTERM: saved step ')[1].split()[0])
-  assert 3 <= saved < 40 and os.path.isdir(workdir / checkpoint.SUBDIR / str(saved))
-  assert not os.path.exists(workdir / 'results.json')
+  assert 3 <= saved < 40 and os.path.isdir(workdir / 'preempted' / checkpoint.SUBDIR / str(saved))
+  assert not os.path.exists(workdir / 'preempted' / 'results.json')
+  assert_like_one_device()
 
+  for name in COMPARED:
+    checkpoints = workdir / name / checkpoint.SUBDIR
+    assert sorted(os.listdir(checkpoints)) == ['2', '4']
+    shutil.rmtree(checkpoints / '4')
+    os.remove(workdir / name / 'results.json')
   _run(command, dict(env, PORT=str(_free_port())))
-  log = _read(logs / 'process_0.log')
-  assert f'at step {saved}' in log and 'step 40/40' in log, log[-3000:]
-  assert _results(workdir)['steps'] == 40
+  # Process 0 reports for both; had process 1 not restored step 2 too, the states would differ.
+  log = log_0()
+  for name, step in [(n, 2) for n in COMPARED] + [('preempted', saved)]:
+    assert f'Resumed from {workdir / name / checkpoint.SUBDIR} at step {step}' in log, log[-3000:]
+  assert 'step 40/40' in log and _results(workdir / 'preempted')['steps'] == 40
+  assert_like_one_device()
 
 
 def _read(path) -> str:

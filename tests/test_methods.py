@@ -1,12 +1,16 @@
 """Every registered method, checked alike (a new method gets these for free): its defaults select it,
 one loss step is finite, keeps the state's structure and moves the backbone and the head, and two
 trainer steps interrupted after one resume to the bitwise-identical state."""
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from concept_jax import checkpoint, methods, recipes, train
+from concept_jax.methods.base import Method
 from tests.conftest import tiny_config
 
 NAMES = methods.names()
@@ -66,18 +70,37 @@ def test_backbone_and_head_get_gradient(one_step):
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[part])) > 0, part
 
 
+# What each method keeps beyond the parameters, optimizer and BatchNorm statistics.
+METHOD_STATE = {'erm': set(), 'stoch_norm': set(), 'bss': set(), 'l2_sp': {'start'},
+                'delta': {'source', 'attention'}, 'lwf': {'teacher'}, 'co_tuning': {'relationship'},
+                'bi_tuning': {'key_params', 'queues'}, 'concept_tuning': {'key_params', 'queues'}}
+
+
 @pytest.mark.parametrize('name', NAMES)
-def test_two_steps_resume_bitwise(tmp_path, name):
-  """1 step, stop, resume to 2 == 2 uninterrupted steps: parameters, optimizer, method state."""
-  full = tiny_config(name)
-  full.epochs, full.iters_per_epoch, full.checkpoint_every = 2, 1, 1
-  train.run(full, str(tmp_path / 'full'))
+def test_two_steps_resume_bitwise(tmp_path, monkeypatch, name):
+  """2 steps with a checkpoint after each; the second removed, the rerun resumes from the first and
+  ends in the bitwise-identical state (parameters, optimizer, the method's state, which holds DELTA's
+  attention and Co-Tuning's relationship); their method.prepare runs once per workdir, the resume
+  reads prepared.npz back."""
+  cls = methods.get(name)
+  calls = []
+  prepare = cls.prepare
+  monkeypatch.setattr(cls, 'prepare', lambda self, *a: calls.append(1) or prepare(self, *a))
+  config = tiny_config(name)
+  config.epochs, config.iters_per_epoch, config.checkpoint_every = 2, 1, 1
+  run = tmp_path / 'run'
+  train.run(config, str(run))
+  uninterrupted = checkpoint.load_state(run)
+  prepared_once = len(calls)
+  calls.clear()
+  shutil.rmtree(run / checkpoint.SUBDIR / '2')
+  os.remove(run / 'results.json')
+  assert train.run(config, str(run))['steps'] == 2                      # resumes at step 1
 
-  half = tiny_config(name)
-  half.update(epochs=1, iters_per_epoch=1, checkpoint_every=1)
-  train.run(half, str(tmp_path / 'split'))
-  assert train.run(full, str(tmp_path / 'split'))['steps'] == 2      # resumes at step 1
-
-  a, b = checkpoint.load_state(tmp_path / 'full'), checkpoint.load_state(tmp_path / 'split')
-  assert set(a) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(a['step']) == 2
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  resumed = checkpoint.load_state(run)
+  assert set(resumed) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(resumed['step']) == 2
+  assert set(resumed['method']) == METHOD_STATE[name]
+  jax.tree.map(np.testing.assert_array_equal, uninterrupted, resumed)
+  assert prepared_once == 1
+  if prepare is not Method.prepare:  # one-time statistics: read back from prepared.npz, not recomputed
+    assert calls == [] and os.path.exists(run / train.PREPARED)

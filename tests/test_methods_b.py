@@ -1,8 +1,5 @@
-"""LwF, Co-Tuning and Bi-Tuning end to end through train.run: two steps, an exact resume with their
-extra state, Co-Tuning's relationship computed once, and where the source head comes from."""
-import json
-import math
-
+"""LwF, Co-Tuning and Bi-Tuning: where the source head comes from (their resume is checked with every
+method's in test_methods.py)."""
 import jax
 import numpy as np
 import pytest
@@ -11,37 +8,6 @@ from concept_jax import checkpoint, methods, recipes, train
 from tests.conftest import tiny_config
 
 METHODS = ('lwf', 'co_tuning', 'bi_tuning')
-STATE = {'lwf': {'teacher'}, 'co_tuning': {'relationship'}, 'bi_tuning': {'key_params', 'queues'}}
-
-
-@pytest.mark.parametrize('method', METHODS)
-def test_two_steps_then_resume_is_bitwise_identical(tmp_path, monkeypatch, method):
-  """2 steps, stop, resume to 4 == 4 uninterrupted steps, the method's state included; Co-Tuning's
-  prepare runs once per workdir (the resume reads prepared.npz)."""
-  cls = methods.get(method)
-  calls = []
-  prepare = cls.prepare
-  monkeypatch.setattr(cls, 'prepare', lambda self, *a: calls.append(1) or prepare(self, *a))
-  full = tiny_config(method)
-  train.run(full, str(tmp_path / 'full'))
-
-  half = tiny_config(method)
-  half.epochs = 1
-  assert train.run(half, str(tmp_path / 'split'))['steps'] == 2
-  computed = len(calls)                                            # once per fresh workdir
-  calls.clear()
-  assert train.run(full, str(tmp_path / 'split'))['steps'] == 4     # resumes at step 2
-
-  a, b = checkpoint.load_state(tmp_path / 'full'), checkpoint.load_state(tmp_path / 'split')
-  assert set(a['method']) == STATE[method]
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  losses = [r['loss'] for r in map(json.loads, open(tmp_path / 'split' / 'metrics.jsonl')) if 'loss' in r]
-  assert len(losses) == 4 and all(map(math.isfinite, losses))
-  if method == 'co_tuning':
-    assert (computed, calls) == (2, [])
-    with np.load(tmp_path / 'split' / train.PREPARED) as cached:
-      np.testing.assert_array_equal(b['method']['relationship'], cached['relationship'])
-    np.testing.assert_allclose(b['method']['relationship'].sum(1), 1.0, rtol=1e-5)
 
 
 def test_lwf_from_a_workdir_takes_its_head_as_the_source_head(tmp_path):

@@ -3,6 +3,7 @@
     python -m concept_jax.bench                  # GPU rows: CT and ERM at CUB shapes, ERM batch 128,
                                                  # and the concept loss alone (the OT part of CT)
     python -m concept_jax.bench --preset=cpu     # the same rows, CI-sized (ResNet-18/8, 64 px)
+    python -m concept_jax.bench --preset=negative_transfer   # CT and ERM steps of the benchmark / demo
     python -m concept_jax.bench --rows=erm:128 --steps=50 --out=erm128.json
     python -m concept_jax.bench --profile=prof   # + a jax.profiler trace and the HLO of each row
     python -m concept_jax.bench.trace_summary prof/concept_tuning_b48   # where that row's time goes

@@ -11,6 +11,10 @@ PRESETS = {
     'cpu': dict(depth=18, width=8, image_size=64, batch=8, classes=10, queue_size=4, confusing=5,
                 patch_size=32, ib_dim=16, dtype='float32', steps=3, warmup=1,
                 rows='concept_tuning,erm,concept_loss'),
+    # configs/negative_transfer.py's runs (README "Does it work?"), the steps `make demo` times.
+    'negative_transfer': dict(depth=10, width=16, stem='small', image_size=32, batch=32, classes=5,
+                              queue_size=8, confusing=4, patch_size=16, ib_dim=32, dtype='float32',
+                              steps=30, warmup=3, rows='concept_tuning,erm'),
 }
 
 
@@ -22,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--rows', help="comma-separated 'method[:batch]', e.g. 'concept_tuning,erm:128'")
   p.add_argument('--depth', type=int, help='ResNet depth (0 = the test-only tiny variant)')
   p.add_argument('--width', type=int, help='ResNet stem width (64 for a real ResNet)')
+  p.add_argument('--stem', choices=('imagenet', 'small'),
+                 help="ResNet stem: 'small' is 3x3 stride 1 without max pool (CIFAR-style)")
   p.add_argument('--image_size', type=int)
   p.add_argument('--batch', type=int, help='global batch of rows that give none')
   p.add_argument('--classes', type=int)
@@ -58,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  if args.stem is None:
+    args.stem = 'imagenet'
   if args.soak_steps < 40:
     p.error(f'--soak_steps must be >= 40 (4 evaluations, a log every 10 steps); got {args.soak_steps}.')
   if args.steps < 1 or args.warmup < 0 or args.batch < 1:
@@ -104,7 +112,8 @@ def make_config(method: str, batch: int, args):
   c.data.synthetic.num_classes = args.classes
   c.data.synthetic.image_size = args.pipeline_source_size
   c.image_size = args.image_size
-  c.model.update(depth=args.depth, width=args.width, dtype=args.dtype, ib_dim=args.ib_dim)
+  c.model.update(depth=args.depth, width=args.width, stem=args.stem, dtype=args.dtype,
+                 ib_dim=args.ib_dim)
   c.batch_size = batch
   c.pretrained.path = ''
   # Whichever of these the method has (queues, confusing classes, patches) take the benchmark's values.
@@ -119,7 +128,7 @@ def make_config(method: str, batch: int, args):
 
 
 def settings(args) -> dict:
-  keys = ('preset', 'depth', 'width', 'image_size', 'batch', 'classes', 'queue_size', 'confusing',
+  keys = ('preset', 'depth', 'width', 'stem', 'image_size', 'batch', 'classes', 'queue_size', 'confusing',
           'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed', 'profile')
   if args.soak:
     return {k: getattr(args, k) for k in ('soak_steps', 'seed')}

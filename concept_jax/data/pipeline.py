@@ -240,7 +240,7 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.int64))).unbatch()
-  ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(_plain(tf, make_views), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
 
   def rows_of(step):  # subset indices of this process's rows of a step (to name a broken image)
@@ -248,6 +248,12 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
     return [_EpochPermutation(n, seed)(g) for g in range(first, first + b)]
 
   return _track(_iterate(ds, itertools.count(start_step), rows_of, subset, data_config))
+
+
+def _plain(tf, fn):
+  """fn for Dataset.map without AutoGraph's rewrite: the transforms use tf.cond where they branch on
+  a tensor, and the rewrite was a fifth of a short run's set-up (every pipeline traces its map anew)."""
+  return tf.autograph.experimental.do_not_convert(fn)
 
 
 def eval_batches(data_config, split, *, batch_size, image_size, process_index=0, process_count=1):
@@ -296,7 +302,7 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.bool))).unbatch()
-  ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(_plain(tf, transform), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
   rows_of = lambda s: [g for g in range(s * batch_size, (s + 1) * batch_size) if g < n]
   return _track(_iterate(ds, range(steps), rows_of, subset, data_config))
