@@ -110,8 +110,8 @@ def start_helpers(config, workdir: str, workers: int) -> list[subprocess.Popen]:
 
 
 def stop_helpers(helpers: list[subprocess.Popen]) -> None:
-  """Ends the helpers. Once this process has finished, no stage is left for them; when it stops early
-  (an error, SIGTERM), SIGTERM makes each save the stage it runs, which a rerun resumes."""
+  """Ends the helpers when this process stops early (an error, SIGTERM): SIGTERM makes each save the
+  stage it runs, which a rerun resumes."""
   for helper in helpers:
     if helper.poll() is None:
       helper.send_signal(signal.SIGTERM)
@@ -131,8 +131,14 @@ def main(argv, run=run):
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                              _DISTRIBUTED.value)
       run(_CONFIG.value, _WORKDIR.value, helper=_WORKER_INDEX.value > 0)
-    finally:
+    except BaseException:
       stop_helpers(helpers)
+      raise
+    stages = _CONFIG.value.get('stage_order', ())
+    if all(experiment.read_results(os.path.join(_WORKDIR.value, name)) for name in stages):
+      for helper in helpers:  # each ends once it sees that; a SIGTERM could land between its
+        helper.wait()         # last results.json and the release of that stage's lock
+    stop_helpers(helpers)     # stopped early (SIGTERM): they save their stages too
   except Exception as e:  # pylint: disable=broad-except
     fail(e, verbose)
 

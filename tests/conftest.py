@@ -23,7 +23,10 @@ def subprocess_env(**extra) -> dict:
              GLIBC_TUNABLES=runtime.MALLOC_TUNABLES,  # what the entry points would restart with
              JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, '.jax_cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-             JAX_COMPILATION_CACHE_MAX_SIZE=str(runtime.CACHE_MAX_BYTES))  # see pytest_configure
+             # Unbounded, as in this process: a bounded cache keeps an access-time file per entry and
+             # fails every write into a directory with entries that lack one; its eviction scan reads
+             # every entry's file on each write, under a lock the suite's processes would queue on.
+             JAX_COMPILATION_CACHE_MAX_SIZE='-1')
   env.update(extra)
   return env
 
@@ -60,10 +63,6 @@ def pytest_configure(config):
   jax.config.update('jax_compilation_cache_dir', os.path.join(ROOT, '.jax_cache'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  # The size bound the entry points set (runtime.persistent_compilation_cache): with it JAX keeps an
-  # access-time file per entry, and a process with the bound fails to write into a cache holding
-  # entries without one (every subprocess test would compile from scratch).
-  jax.config.update('jax_compilation_cache_max_size', runtime.CACHE_MAX_BYTES)
 
 
 # `make test` runs the suite in 2 processes (pytest-xdist, whole files each, in this order): the
