@@ -1,7 +1,7 @@
 """Data parallelism leaves the result alone: 1 device, 4 devices and 2 processes x 2 devices train to
-the same state (to float32 rounding), the methods' global state (Concept-Tuning's key encoder and
-queues, DELTA's frozen starting weights and channel attention) included, and 2 processes resume from
-their shared checkpoint to that state too.
+the same state (to float32 rounding), the methods' global state (Concept-Tuning's key encoder and queues;
+on 4 devices also Bi-Tuning's, and L2-SP's and DELTA's frozen starting weights and DELTA's channel
+attention) included, and 2 processes resume from their shared checkpoint to that state too.
 
 Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
 devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
@@ -42,11 +42,14 @@ def configs() -> dict:
   # the same rounding to ~1e-4 relative in the momentum after 4 steps.
   ct.method.beta = 0.0
   ct.optim.lr = 1e-3
-  # DELTA: frozen starting weights in the state (L2-SP's kind too), and its attention is computed by
-  # every process from the whole training set and cached by process 0. Bi-Tuning's key encoder and
-  # queues are global state written from the whole batch by the modules Concept-Tuning's use
-  # (concepts/queues.py, concepts/momentum.py).
-  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'delta': tiny_config('delta')}
+  # Bi-Tuning: its key encoder and queues are global state like Concept-Tuning's, written from the
+  # whole batch; lr 1e-3 for the same reason.
+  bt = tiny_config('bi_tuning')
+  bt.optim.lr = 1e-3
+  # L2-SP and DELTA: frozen starting weights in the state; DELTA's attention is computed by every
+  # process from the whole training set and cached by process 0.
+  return {'erm': tiny_config('erm'), 'concept_tuning': ct, 'bi_tuning': bt, 'l2_sp': tiny_config('l2_sp'),
+          'delta': tiny_config('delta')}
 
 
 def train_all(workdir: str) -> None:
@@ -160,10 +163,12 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
   assert _results(four_devices / name) == _results(one_device / name)
 
 
-# One launch runs the compared methods as the stages of one config (a multi-host comparison works this
-# way: the processes must agree on every stage they run), then a longer ERM stage that one process's
-# SIGTERM interrupts. DELTA: every process prepares its attention, and the resume reads the cache back.
-COMPARED = tuple(configs())
+# One launch runs ERM, Concept-Tuning and DELTA as the stages of one config (a multi-host comparison
+# works this way: the processes must agree on every stage they run), then a longer ERM stage that one
+# process's SIGTERM interrupts. Bi-Tuning's state crosses processes through the same global-batch code
+# as Concept-Tuning's, and L2-SP's frozen copy is DELTA's 'source' in kind: the four-device comparison
+# checks them. DELTA: every process prepares its attention, and the resume reads the cache back.
+COMPARED = ('erm', 'concept_tuning', 'delta')
 STAGES_CONFIG = f"""  import ml_collections
   stages = {{n: configs()[n] for n in {COMPARED!r}}}
   stages['preempted'] = configs()['erm']

@@ -1,6 +1,8 @@
 """Every registered method, checked alike (a new method gets these for free): its defaults select it,
 one loss step is finite, keeps the state's structure and moves the backbone and the head, and two
 trainer steps interrupted after one resume to the bitwise-identical state."""
+import json
+import math
 import os
 import shutil
 
@@ -101,6 +103,12 @@ def test_two_steps_resume_bitwise(tmp_path, monkeypatch, name):
   assert set(resumed) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(resumed['step']) == 2
   assert set(resumed['method']) == METHOD_STATE[name]
   jax.tree.map(np.testing.assert_array_equal, uninterrupted, resumed)
+  losses = [r['loss'] for r in map(json.loads, open(run / 'metrics.jsonl')) if 'loss' in r]
+  assert len(losses) == 2 and all(map(math.isfinite, losses))
   assert prepared_once == 1
   if prepare is not Method.prepare:  # one-time statistics: read back from prepared.npz, not recomputed
     assert calls == [] and os.path.exists(run / train.PREPARED)
+  if name == 'co_tuning':
+    with np.load(run / train.PREPARED) as cached:
+      np.testing.assert_array_equal(resumed['method']['relationship'], cached['relationship'])
+    np.testing.assert_allclose(resumed['method']['relationship'].sum(1), 1.0, rtol=1e-5)
