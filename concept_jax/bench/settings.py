@@ -5,11 +5,11 @@ from concept_jax import methods
 
 # Shapes of the official CUB recipe (../shared/docs/reference.md), and a CI-sized stand-in.
 PRESETS = {
-    'cub': dict(depth=50, width=64, image_size=224, batch=48, classes=200, queue_size=40,
-                confusing=199, patch_size=64, ib_dim=512, dtype='bfloat16', steps=20, warmup=3,
-                rows='concept_tuning,erm,erm:128,concept_loss'),
-    'cpu': dict(depth=18, width=8, image_size=64, batch=8, classes=10, queue_size=4, confusing=5,
-                patch_size=32, ib_dim=16, dtype='float32', steps=3, warmup=1,
+    'cub': dict(depth=50, width=64, stem='imagenet', image_size=224, batch=48, classes=200,
+                queue_size=40, confusing=199, patch_size=64, ib_dim=512, dtype='bfloat16', steps=20,
+                warmup=3, rows='concept_tuning,erm,erm:128,concept_loss'),
+    'cpu': dict(depth=18, width=8, stem='imagenet', image_size=64, batch=8, classes=10, queue_size=4,
+                confusing=5, patch_size=32, ib_dim=16, dtype='float32', steps=3, warmup=1,
                 rows='concept_tuning,erm,concept_loss'),
     # configs/negative_transfer.py's runs (README "Does it work?"), the steps `make demo` times.
     'negative_transfer': dict(depth=10, width=16, stem='small', image_size=32, batch=32, classes=5,
@@ -64,8 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key) is None:
       setattr(args, key, value)
-  if args.stem is None:
-    args.stem = 'imagenet'
   if args.soak_steps < 40:
     p.error(f'--soak_steps must be >= 40 (4 evaluations, a log every 10 steps); got {args.soak_steps}.')
   if args.steps < 1 or args.warmup < 0 or args.batch < 1:
@@ -128,8 +126,8 @@ def make_config(method: str, batch: int, args):
 
 
 def settings(args) -> dict:
-  keys = ('preset', 'depth', 'width', 'stem', 'image_size', 'batch', 'classes', 'queue_size', 'confusing',
-          'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed', 'profile')
+  keys = ('preset', 'depth', 'width', 'stem', 'image_size', 'batch', 'classes', 'queue_size',
+          'confusing', 'patch_size', 'ib_dim', 'dtype', 'steps', 'warmup', 'seed', 'profile')
   if args.soak:
     return {k: getattr(args, k) for k in ('soak_steps', 'seed')}
   if args.pipeline:
