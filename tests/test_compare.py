@@ -188,25 +188,6 @@ def test_a_helper_stops_when_what_is_left_waits_for_another_process(tmp_path):
   assert [s['run'] for s in summaries] == [n for n in config.stage_order if n in ran]
 
 
-def test_two_worker_processes_share_a_comparison(tmp_path):
-  workdir = tmp_path / 'demo'
-  done = subprocess.run(
-      [sys.executable, '-m', 'concept_jax.main', '--config=configs/negative_transfer.py:demo,fast',
-       f'--workdir={workdir}', '--workers=2'],
-      cwd=ROOT, env=subprocess_env(TFDS_DATA_DIR=str(tmp_path / 'tfds')), capture_output=True, text=True,
-      timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  helper = (workdir / 'worker_1.log').read_text()
-  started = lambda text: {line.split()[1] for line in text.splitlines()
-                          if line.startswith('[') and ' ... (elapsed' in line}
-  mine, theirs = started(done.stdout), started(helper)
-  assert mine and theirs and not mine & theirs, (done.stdout, helper)
-  assert len(mine | theirs) == 6                    # the demo's six stages, each run once
-  assert 'ERM from spurious is' in done.stdout      # the table and sentence, from the main process
-  assert 'ERM from spurious is' not in helper
-  assert not list(workdir.rglob(experiment.LOCK))
-
-
 def test_a_sigterm_that_arrives_as_a_stage_finishes_stops_the_sequence(tmp_path):
   config = comparison_config()
   fake = FakeRunner()

@@ -1,10 +1,13 @@
-"""The embedded default (configs/negative_transfer.py:demo) end to end, in its fast setting."""
+"""The embedded default end to end, in its fast setting: `make demo`'s command (two worker processes
+share the six runs; nothing is downloaded), then a rerun that reads every finished run back."""
 import importlib.util
 import os
+import subprocess
+import sys
 
-from concept_jax import compare
+from concept_jax import compare, experiment
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subprocess_env
 
 
 def _config(arg):
@@ -14,20 +17,36 @@ def _config(arg):
   return module.get_config(arg)
 
 
-def test_demo_runs_offline_and_prints_the_negative_transfer_table(tmp_path, capsys):
+def test_demo_runs_offline_in_two_processes_and_prints_the_negative_transfer_table(tmp_path, capsys):
   config = _config('demo,fast')
   assert set(config.comparison.runs.values()[0]) >= {'row', 'rate', 'seed'}
   rows = sorted(r['row'] for r in config.comparison.runs.values())
   assert rows == ['ERM from clean', 'ERM from spurious', 'concept_tuning from spurious', 'scratch']
-  compare.run(config, str(tmp_path))
-  out = capsys.readouterr().out
-  assert out.count(f'Loaded pretrained weights from {tmp_path / "s0_source_spurious"}') == 2
-  for row in rows:
-    assert row in out
+  workdir = tmp_path / 'demo'
+  done = subprocess.run(
+      [sys.executable, '-m', 'concept_jax.main', '--config=configs/negative_transfer.py:demo,fast',
+       f'--workdir={workdir}', '--workers=2'],
+      cwd=ROOT, env=subprocess_env(TFDS_DATA_DIR=str(tmp_path / 'tfds')), capture_output=True, text=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  helper = (workdir / 'worker_1.log').read_text()
+  started = lambda text: {line.split()[1] for line in text.splitlines()
+                          if line.startswith('[') and ' ... (elapsed' in line}
+  mine, theirs = started(done.stdout), started(helper)
+  assert mine and theirs and not mine & theirs, (done.stdout, helper)
+  assert mine | theirs == set(config.stage_order)   # the demo's six stages, each run once
+  assert not list(workdir.rglob(experiment.LOCK))
+  # Both fine-tunes from the spurious source read its weights, whichever process ran them.
+  both = done.stdout + helper
+  assert both.count(f'Loaded pretrained weights from {workdir / "s0_source_spurious"}') == 2
+  for row in rows:                                  # the table and sentence, from the main process
+    assert row in done.stdout
+  assert 'ERM from spurious is' in done.stdout and 'ERM from spurious is' not in helper
   for name in ('results.csv', 'results.md', 'results.png'):
-    assert os.path.getsize(tmp_path / name) > 0
+    assert os.path.getsize(workdir / name) > 0
   # The fine-tuned runs read their target data; the sources were evaluated with shuffled colours too.
-  assert 'colours shuffled' in (tmp_path / 'results.md').read_text()
+  assert 'colours shuffled' in (workdir / 'results.md').read_text()
   # A rerun reads every finished run back instead of training again.
-  compare.run(config, str(tmp_path))
-  assert 'finished earlier' in capsys.readouterr().out
+  compare.run(config, str(workdir))
+  out = capsys.readouterr().out
+  assert out.count('finished earlier') == len(config.stage_order) and 'steps of batch' not in out

@@ -3,9 +3,10 @@ the same state (to float32 rounding), the methods' global state (Concept-Tuning'
 on 4 devices also Bi-Tuning's, and L2-SP's and DELTA's frozen starting weights and DELTA's channel
 attention) included, and 2 processes resume from their shared checkpoint to that state too.
 
-Every layout runs in its own Python process, since the device count is fixed when JAX starts: CPU
-devices faked with JAX_NUM_CPU_DEVICES, the two processes started by launch/local.sh and talking
-through jax.distributed with gloo CPU collectives. The global batch (4) and every other setting are
+The reference runs in the test process (one CPU device), the other layouts in processes of their
+own, since the device count is fixed when JAX starts: CPU devices faked with JAX_NUM_CPU_DEVICES, the
+two processes started by launch/local.sh and talking through jax.distributed with gloo CPU
+collectives. The global batch (4) and every other setting are
 equal, so any difference beyond rounding is a bug: BatchNorm statistics or gradients taken per
 device, a queue written per shard, an input row read twice...
 """
@@ -143,9 +144,11 @@ def assert_same_state(path_a, path_b) -> None:
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory):
-  """Workdir of the reference runs: one process, one device."""
+  """Workdir of the reference runs: one process, one device (this one: a test process has one CPU
+  device, and its compile settings are the ones its subprocesses inherit)."""
+  assert jax.device_count() == 1, f'the reference layout needs 1 device; this process has {jax.devices()}'
   workdir = tmp_path_factory.mktemp('one_device')
-  _train_on_devices(workdir, 1)
+  train_all(str(workdir))
   return workdir
 
 
@@ -171,8 +174,9 @@ def test_four_devices_train_like_one(one_device, four_devices, name):
 COMPARED = ('erm', 'concept_tuning', 'delta')
 STAGES_CONFIG = f"""  import ml_collections
   stages = {{n: configs()[n] for n in {COMPARED!r}}}
+  # ERM's step program (same steps per epoch, so the same learning-rate milestone): a cache hit.
   stages['preempted'] = configs()['erm']
-  stages['preempted'].update(epochs=1, iters_per_epoch=40, checkpoint_every=1000, log_every=1)
+  stages['preempted'].update(epochs=20, eval_every_epochs=20, checkpoint_every=1000, log_every=1)
   return ml_collections.ConfigDict({{'stages': stages, 'stage_order': tuple(stages)}})
 """
 

@@ -25,6 +25,11 @@ import numpy as np
 from concept_jax.data import augment, splits
 from concept_jax.data.builders import common, registry, synthetic
 
+# Batches made ahead of the consumer. AUTOTUNE grew this buffer without bound while the consumer
+# compiled: tf.data then spent the CPU it shared with the compiler on batches a short run never
+# takes, and closing the iterator waited for them (seconds per run on 2 cores).
+PREFETCH = 2
+
 
 def default_data_config():
   """Every data field, with defaults (a demo-sized synthetic set)."""
@@ -241,7 +246,7 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.int64))).unbatch()
   ds = ds.map(_plain(tf, make_views), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
+  ds = ds.batch(b).prefetch(PREFETCH)
 
   def rows_of(step):  # subset indices of this process's rows of a step (to name a broken image)
     first = step * global_batch_size + process_index * b
@@ -303,7 +308,7 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.bool))).unbatch()
   ds = ds.map(_plain(tf, transform), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(b).prefetch(tf.data.AUTOTUNE)
+  ds = ds.batch(b).prefetch(PREFETCH)
   rows_of = lambda s: [g for g in range(s * batch_size, (s + 1) * batch_size) if g < n]
   return _track(_iterate(ds, range(steps), rows_of, subset, data_config))
 
