@@ -6,9 +6,9 @@ attention) included, and 2 processes resume from their shared checkpoint to that
 The reference runs in the test process (one CPU device), the other layouts in processes of their
 own, since the device count is fixed when JAX starts: CPU devices faked with JAX_NUM_CPU_DEVICES, the
 two processes started by launch/local.sh and talking through jax.distributed with gloo CPU
-collectives. The global batch (4) and every other setting are
-equal, so any difference beyond rounding is a bug: BatchNorm statistics or gradients taken per
-device, a queue written per shard, an input row read twice...
+collectives. The global batch (4) and every other setting are equal, so any difference beyond
+rounding is a bug: BatchNorm statistics or gradients taken per device, a queue written per shard, an
+input row read twice...
 """
 import json
 import os

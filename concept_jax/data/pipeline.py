@@ -25,9 +25,9 @@ import numpy as np
 from concept_jax.data import augment, splits
 from concept_jax.data.builders import common, registry, synthetic
 
-# Batches made ahead of the consumer. AUTOTUNE grew this buffer without bound while the consumer
-# compiled: tf.data then spent the CPU it shared with the compiler on batches a short run never
-# takes, and closing the iterator waited for them (seconds per run on 2 cores).
+# Batches made ahead of the consumer. With AUTOTUNE, tf.data kept working while the consumer was busy
+# (compiling) on batches a short run never takes: closing the iterator after an 8 s busy consumer took
+# 2.2 s, against 0.01 s with this fixed buffer (2 cores). Batch contents do not depend on it.
 PREFETCH = 2
 
 
