@@ -118,20 +118,29 @@ class StageLock:
   def __enter__(self):
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     me = f'{socket.gethostname()} {os.getpid()}'
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        self.owner = _read(self.path)
-        if _alive(self.owner):
-          return self
-        os.remove(self.path)  # its process ended without releasing it (kill -9, a crash)
-        continue
-      with os.fdopen(fd, 'w') as f:
-        f.write(me)
-      self.held, self.owner = True, me
+    # The lock appears with its owner already in it (a hard link to a written file): a lock created
+    # empty and written after could be read as '' by another process, which would take it for a
+    # crashed owner's and remove it, and both would run the stage.
+    mine = f'{self.path}.{os.getpid()}'
+    with open(mine, 'w') as f:
+      f.write(me)
+    try:
+      for _ in range(2):
+        try:
+          os.link(mine, self.path)
+        except FileExistsError:
+          self.owner = _read(self.path)
+          if _alive(self.owner):
+            return self
+          if self.owner:  # '': released since; else its process ended without releasing it
+            with contextlib.suppress(FileNotFoundError):  # another process took it over first
+              os.remove(self.path)
+          continue
+        self.held, self.owner = True, me
+        return self
       return self
-    return self
+    finally:
+      os.remove(mine)
 
   def __exit__(self, *exc):
     if self.held:

@@ -109,14 +109,20 @@ def start_helpers(config, workdir: str, workers: int) -> list[subprocess.Popen]:
   return helpers
 
 
-def stop_helpers(helpers: list[subprocess.Popen]) -> None:
+def stop_helpers(helpers: list[subprocess.Popen], workdir: str) -> None:
   """Ends the helpers when this process stops early (an error, SIGTERM): SIGTERM makes each save the
-  stage it runs, which a rerun resumes."""
+  stage it runs, which a rerun resumes. Names each helper that ended with an error: its stages were
+  taken over (a dead process's lock is), so the table is complete, but the error is in its log."""
   for helper in helpers:
     if helper.poll() is None:
       helper.send_signal(signal.SIGTERM)
-  for helper in helpers:
-    helper.wait()
+  for k, helper in enumerate(helpers, 1):
+    if helper.wait() > 0:  # not when our SIGTERM ended it before it could save (< 0)
+      log = os.path.join(workdir, f'worker_{k}.log')
+      with open(log, errors='replace') as f:
+        last = [line.strip() for line in f.read().splitlines() if line.strip()][-3:]
+      print(f'Helper process {k} ended with exit status {helper.returncode}; the end of {log}:\n  '
+            + '\n  '.join(last), flush=True)
 
 
 def main(argv, run=run):
@@ -132,13 +138,13 @@ def main(argv, run=run):
                              _DISTRIBUTED.value)
       run(_CONFIG.value, _WORKDIR.value, helper=_WORKER_INDEX.value > 0)
     except BaseException:
-      stop_helpers(helpers)
+      stop_helpers(helpers, _WORKDIR.value)
       raise
     stages = _CONFIG.value.get('stage_order', ())
     if all(experiment.read_results(os.path.join(_WORKDIR.value, name)) for name in stages):
       for helper in helpers:  # each ends once it sees that; a SIGTERM could land between its
         helper.wait()         # last results.json and the release of that stage's lock
-    stop_helpers(helpers)     # stopped early (SIGTERM): they save their stages too
+    stop_helpers(helpers, _WORKDIR.value)  # stopped early (SIGTERM): they save their stages too
   except Exception as e:  # pylint: disable=broad-except
     fail(e, verbose)
 

@@ -406,3 +406,32 @@ def test_compare_command_line_and_main_dispatch(tmp_path, capsys):
   assert '[2/2] smooth: finished earlier' in done.stdout and 'step 1/' not in done.stdout
   assert out[out.index('`last.test_main`'):] in done.stdout
 
+
+
+def _contend(stage_dir, inside, rounds):
+  """One process of the test below: takes the lock `rounds` times; while it holds it, the owner on
+  disk is itself and no other holder has marked `inside`."""
+  problems = []
+  for _ in range(rounds):
+    with experiment.StageLock(stage_dir) as lock:
+      if not lock.held:
+        continue
+      try:
+        fd = os.open(inside, os.O_CREAT | os.O_EXCL)
+      except FileExistsError:
+        problems.append('two processes held the lock at once')
+        continue
+      if experiment._read(lock.path) != lock.owner:
+        problems.append(f'the lock names {experiment._read(lock.path)!r}, not its holder')
+      os.close(fd)
+      os.remove(inside)
+  return problems
+
+
+def test_processes_racing_for_a_stage_lock_hold_it_one_at_a_time(tmp_path):
+  import multiprocessing
+  stage_dir, inside = str(tmp_path / 'stage'), str(tmp_path / 'inside')
+  with multiprocessing.get_context('fork').Pool(6) as pool:
+    problems = pool.starmap(_contend, [(stage_dir, inside, 300)] * 6)
+  assert not sum(problems, []), sum(problems, [])[:5]
+  assert os.listdir(stage_dir) == []  # no lock and no owner files left behind

@@ -33,7 +33,8 @@ def test_demo_runs_offline_in_two_processes_and_prints_the_negative_transfer_tab
   started = lambda text: {line.split()[1] for line in text.splitlines()
                           if line.startswith('[') and ' ... (elapsed' in line}
   mine, theirs = started(done.stdout), started(helper)
-  assert mine and theirs and not mine & theirs, (done.stdout, helper)
+  assert mine and theirs and not mine & theirs, (  # a string: pytest would shorten a tuple's repr
+      f'main ran {sorted(mine)}, the helper {sorted(theirs)}; the end of the helper log:\n{helper[-3000:]}')
   assert mine | theirs == set(config.stage_order)   # the demo's six stages, each run once
   assert not list(workdir.rglob(experiment.LOCK))
   # Both fine-tunes from the spurious source read its weights, whichever process ran them.

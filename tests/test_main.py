@@ -111,3 +111,18 @@ def test_entry_points_restart_with_the_allocator_settings_and_cache_compilations
   tunables, cache = done.stdout.split()
   assert tunables == (user_setting or runtime.MALLOC_TUNABLES)   # a user's malloc setting is kept
   assert cache == str(tmp_path / 'concept_jax' / 'xla')
+
+
+def test_a_helper_that_failed_is_named_with_the_end_of_its_log(tmp_path, capsys):
+  from concept_jax import main
+  helpers = []
+  for k, code in ((1, 0), (2, 3)):
+    with open(tmp_path / f'worker_{k}.log', 'w') as log:
+      helpers.append(subprocess.Popen(
+          [sys.executable, '-c', f'print("[1/2] a ..."); print("concept_jax: error: boom {k}"); exit({code})'],
+          stdout=log, stderr=subprocess.STDOUT))
+    helpers[-1].wait()
+  main.stop_helpers(helpers, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'Helper process 2 ended with exit status 3' in out and 'concept_jax: error: boom 2' in out
+  assert 'Helper process 1' not in out
