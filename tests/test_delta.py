@@ -1,15 +1,14 @@
 """DELTA: the attention-weighted feature-map distance and the channel-ablation attention against numpy on
-hand-built cases, the attention head's training against torch's SGD, the layers it reads, and the
-attention computed once per run and read back on resume."""
+hand-built cases, the attention head's training against torch's SGD and the layers it reads (the
+attention computed once per run and read back on resume: test_methods.py's resume test)."""
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from concept_jax import checkpoint, methods, train
+from concept_jax import methods
 from concept_jax.methods import delta
 from tests.conftest import tiny_config
 
@@ -127,20 +126,3 @@ def test_prepare_gives_one_distribution_per_stage_deterministically(tiny):
   jax.tree.map(np.testing.assert_array_equal, method.prepare(variables, batches()), attention)
   with pytest.raises(ValueError, match="DELTA's channel attention for layer1 .* is missing"):
     method.init_state(None, variables, {})
-
-
-def test_attention_is_computed_once_and_read_back_on_resume(tmp_path, monkeypatch):
-  calls = []
-  original = delta.DELTA.prepare
-  monkeypatch.setattr(delta.DELTA, 'prepare', lambda self, *a: calls.append(1) or original(self, *a))
-  half = tiny_config('delta')
-  half.epochs = 1
-  train.run(half, str(tmp_path))
-  assert len(calls) == 1 and os.path.exists(tmp_path / train.PREPARED)
-  train.run(tiny_config('delta'), str(tmp_path))               # resumes at step 2
-  assert len(calls) == 1
-  with np.load(tmp_path / train.PREPARED) as cached:
-    saved = checkpoint.load_state(tmp_path)['method']['attention']
-    assert set(saved) == set(cached) == {'layer1', 'layer2', 'layer3', 'layer4'}
-    for stage in cached:
-      np.testing.assert_array_equal(saved[stage], cached[stage])

@@ -80,31 +80,32 @@ METHOD_STATE = {'erm': set(), 'stoch_norm': set(), 'bss': set(), 'l2_sp': {'star
 
 @pytest.mark.parametrize('name', NAMES)
 def test_two_steps_resume_bitwise(tmp_path, monkeypatch, name):
-  """2 steps with a checkpoint after each; the second removed, the rerun resumes from the first and
-  ends in the bitwise-identical state (parameters, optimizer, the method's state, which holds DELTA's
+  """4 steps with a checkpoint every 2; the last removed, the rerun resumes from step 2 and ends in
+  the bitwise-identical state (parameters, optimizer, the method's state, which holds DELTA's
   attention and Co-Tuning's relationship); their method.prepare runs once per workdir, the resume
-  reads prepared.npz back."""
+  reads prepared.npz back. tiny_config's own schedule: the step program other tests compile too (a
+  cache hit for whichever runs second)."""
   cls = methods.get(name)
   calls = []
   prepare = cls.prepare
   monkeypatch.setattr(cls, 'prepare', lambda self, *a: calls.append(1) or prepare(self, *a))
   config = tiny_config(name)
-  config.epochs, config.iters_per_epoch, config.checkpoint_every = 2, 1, 1
+  assert (config.epochs * config.iters_per_epoch, config.checkpoint_every) == (4, 2)
   run = tmp_path / 'run'
   train.run(config, str(run))
   uninterrupted = checkpoint.load_state(run)
   prepared_once = len(calls)
   calls.clear()
-  shutil.rmtree(run / checkpoint.SUBDIR / '2')
+  shutil.rmtree(run / checkpoint.SUBDIR / '4')
   os.remove(run / 'results.json')
-  assert train.run(config, str(run))['steps'] == 2                      # resumes at step 1
+  assert train.run(config, str(run))['steps'] == 4                      # resumes at step 2
 
   resumed = checkpoint.load_state(run)
-  assert set(resumed) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(resumed['step']) == 2
+  assert set(resumed) == {'step', 'params', 'batch_stats', 'opt', 'method'} and int(resumed['step']) == 4
   assert set(resumed['method']) == METHOD_STATE[name]
   jax.tree.map(np.testing.assert_array_equal, uninterrupted, resumed)
   losses = [r['loss'] for r in map(json.loads, open(run / 'metrics.jsonl')) if 'loss' in r]
-  assert len(losses) == 2 and all(map(math.isfinite, losses))
+  assert len(losses) == 4 and all(map(math.isfinite, losses))
   assert prepared_once == 1
   if prepare is not Method.prepare:  # one-time statistics: read back from prepared.npz, not recomputed
     assert calls == [] and os.path.exists(run / train.PREPARED)
@@ -112,3 +113,8 @@ def test_two_steps_resume_bitwise(tmp_path, monkeypatch, name):
     with np.load(run / train.PREPARED) as cached:
       np.testing.assert_array_equal(resumed['method']['relationship'], cached['relationship'])
     np.testing.assert_allclose(resumed['method']['relationship'].sum(1), 1.0, rtol=1e-5)
+  if name == 'delta':  # one channel attention per stage, the one read back
+    with np.load(run / train.PREPARED) as cached:
+      assert set(resumed['method']['attention']) == set(cached) == {'layer1', 'layer2', 'layer3', 'layer4'}
+      for stage in cached:
+        np.testing.assert_array_equal(resumed['method']['attention'][stage], cached[stage])

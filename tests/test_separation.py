@@ -1,4 +1,6 @@
-"""Class separation of concept-patch embeddings (concept_jax/separation.py)."""
+"""Class separation of concept-patch embeddings (concept_jax/separation.py). Its run on a real
+Concept-Tuning run is in test_visualize.py, whose trained runs (conftest.concept_runs) it shares: a
+session fixture is trained once per test process, and the suite gives each file to one."""
 import numpy as np
 import pytest
 
@@ -15,13 +17,3 @@ def test_centroid_accuracy_on_hand_made_features():
   folds = np.arange(12) % 2
   swapped = np.eye(3)[np.where(folds == 0, labels, (labels + 1) % 3)]
   assert separation.centroid_accuracy(swapped, labels) == 0.0
-
-
-def test_a_concept_tuning_run_is_scored_per_slot(concept_runs, capsys):
-  result = separation.separation(str(concept_runs / 'ct'), num_images=12)
-  assert result['slots'].shape == (9,)
-  assert np.all((result['slots'] >= 0) & (result['slots'] <= 100))
-  assert result['best_slot'] == result['slots'].max() and 0 <= result['touch'] <= 100
-  separation.main(['--workdir', str(concept_runs / 'ct'), '--workdir', str(concept_runs / 'source'),
-                   '--num_images', '12'])
-  assert capsys.readouterr().out.count(f'| {concept_runs}/') == 2   # the ERM source scored as well

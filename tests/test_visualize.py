@@ -1,5 +1,6 @@
 """Concept pictures (concept_jax/visualize.py) of real tiny runs: an ERM source, Concept-Tuning from it,
-and the CUB recipe's tiny variant; boxes checked against Concept-Tuning's own search and the image."""
+and the CUB recipe's tiny variant; boxes checked against Concept-Tuning's own search and the image.
+The class separation of the same runs' patch embeddings (concept_jax/separation.py) too."""
 import importlib.util
 import os
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from concept_jax import train, visualize
+from concept_jax import separation, train, visualize
 from concept_jax.data.normalize import normalize
 from concept_jax.methods.concept_tuning import ConceptTuning
 from tests.conftest import ROOT
@@ -101,3 +102,13 @@ def test_a_run_saved_before_a_config_field_existed_loads_with_its_default(concep
   monkeypatch.setattr(checkpoint, 'load_meta', lambda workdir: meta)
   config, _ = visualize.load_run(str(concept_runs / 'ct'))
   assert config.model.norm == 'batch' and config.method.name == 'concept_tuning'
+
+
+def test_a_concept_tuning_run_is_scored_per_slot(concept_runs, capsys):
+  result = separation.separation(str(concept_runs / 'ct'), num_images=12)
+  assert result['slots'].shape == (9,)
+  assert np.all((result['slots'] >= 0) & (result['slots'] <= 100))
+  assert result['best_slot'] == result['slots'].max() and 0 <= result['touch'] <= 100
+  separation.main(['--workdir', str(concept_runs / 'ct'), '--workdir', str(concept_runs / 'source'),
+                   '--num_images', '12'])
+  assert capsys.readouterr().out.count(f'| {concept_runs}/') == 2   # the ERM source scored as well
