@@ -25,12 +25,26 @@ from concept_jax import train, validate
 def run(config, workdir: str, helper: bool = False) -> list[dict]:
   """Runs config (or its stages); prints and returns one summary per run (helper: see run_stages)."""
   if 'stages' not in config:
-    summaries = [train.run(config, workdir)]
+    summaries = [run_alone(config, workdir)]
   else:
     summaries = run_stages(config, workdir, helper=helper)
   if not helper:
     train.log(results_table(summaries))
   return summaries
+
+
+def run_alone(config, workdir: str, runner=train.run) -> dict:
+  """runner(config, workdir) (train.run) while WORKDIR/RUNNING names this process; ValueError, naming
+  the other process, while another holds it: two runs writing one workdir would mix their checkpoints.
+  The processes of one jax.distributed run share the workdir, so they take no lock."""
+  if jax.process_count() > 1:
+    return runner(config, workdir)
+  validate.check(config, workdir)  # a bad config creates nothing, not even the lock's directory
+  with StageLock(workdir) as lock:
+    if not lock.held:
+      raise ValueError(f'{workdir} is in use by another run (process {lock.owner}, see '
+                       f'{lock.path}). Wait for it to end, or give this run another --workdir.')
+    return runner(config, workdir)
 
 
 def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,

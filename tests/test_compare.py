@@ -218,6 +218,21 @@ def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
   assert runner.calls[0][0] == 's0_source'
 
 
+def test_a_one_run_workdir_in_use_by_another_process_is_refused(tmp_path):
+  config, workdir = tiny_config('erm'), tmp_path / 'run'
+  runner = lambda c, d: {'steps': 4}
+  workdir.mkdir()
+  (workdir / experiment.LOCK).write_text(f'{socket.gethostname()} {os.getppid()}')  # a live process
+  with pytest.raises(ValueError, match=f'is in use by another run .*{os.getppid()}.* another --workdir'):
+    experiment.run_alone(config, str(workdir), runner=runner)
+  (workdir / experiment.LOCK).unlink()
+  assert experiment.run_alone(config, str(workdir), runner=runner) == {'steps': 4}
+  assert os.listdir(workdir) == []  # the lock is released
+  with pytest.raises(ValueError, match='problem'):  # a bad config: refused before any directory exists
+    experiment.run_alone(tiny_config('erm', batch_size=0), str(tmp_path / 'new'), runner=runner)
+  assert not (tmp_path / 'new').exists()
+
+
 def test_files_written_and_printed(tmp_path, capsys):
   config = comparison_config()
   report = compare.run(config, str(tmp_path), runner=FakeRunner())
