@@ -223,3 +223,23 @@ def test_eval_crop_fraction_one_keeps_32_px_images_whole(data_dir):
   cfg.eval_crop_fraction = 0.0
   with pytest.raises(ValueError, match='eval_crop_fraction'):
     _images(cfg, 'test')
+
+
+def test_a_builder_made_while_another_process_finished_the_data_reads_it(tmp_path, monkeypatch):
+  """main's --workers: one process makes its builder while the other is still preparing, then finds
+  the data prepared. tfds read the info when the builder was made, so that builder has no splits."""
+  data_dir, planted = str(tmp_path), coloured_mnist.options(_cfg('').planted)
+  make = registry.make_builder
+  made = []
+
+  def made_before_the_other_process_finished(*args):
+    builder = make(*args)
+    if not made:  # the other process finishes preparing just after this one made its builder
+      make(*args).download_and_prepare()
+    made.append(builder)
+    return builder
+
+  monkeypatch.setattr(registry, 'make_builder', made_before_the_other_process_finished)
+  builder = registry.prepared_builder('coloured_mnist', data_dir, None, planted)
+  assert not made[0].info.splits  # the race happened: the first builder cannot read the data
+  assert builder.info.splits['train'].num_examples == 2000

@@ -137,7 +137,9 @@ def prepared_builder(name, data_dir, manual_dir=None, planted=None):
   prepares it."""
   builder = make_builder(name, data_dir, manual_dir, planted)
   if builder.is_prepared():
-    return builder
+    # tfds reads a data set's info when its builder is made: one made while another process (main's
+    # --workers, a `prepare` command) was finishing the data holds no splits and fails to read them.
+    return builder if builder.info.splits else make_builder(name, data_dir, manual_dir, planted)
   if get_spec(name).builder in _OFFLINE:
     # One process prepares, others (main's --workers) wait and then read what it wrote.
     os.makedirs(resolve_data_dir(data_dir), exist_ok=True)
