@@ -423,11 +423,14 @@ def test_compare_command_line_and_main_dispatch(tmp_path, capsys):
 
 
 
-def _contend(stage_dir, inside, rounds):
-  """One process of the test below: takes the lock `rounds` times; while it holds it, the owner on
-  disk is itself and no other holder has marked `inside`."""
+def _contend(stage_dir, inside, rounds, name):
+  """One process of the test below: once every process is ready, takes the lock `rounds` times; while
+  it holds it, the owner on disk is itself and no other holder has marked `inside`."""
+  open(f'{inside}.ready_{name}', 'w').close()
+  while not os.path.exists(f'{inside}.go'):
+    time.sleep(0.01)
   problems = []
-  for _ in range(rounds):
+  for _ in range(int(rounds)):
     with experiment.StageLock(stage_dir) as lock:
       if not lock.held:
         continue
@@ -444,9 +447,21 @@ def _contend(stage_dir, inside, rounds):
 
 
 def test_processes_racing_for_a_stage_lock_hold_it_one_at_a_time(tmp_path):
-  import multiprocessing
-  stage_dir, inside = str(tmp_path / 'stage'), str(tmp_path / 'inside')
-  with multiprocessing.get_context('fork').Pool(6) as pool:
-    problems = pool.starmap(_contend, [(stage_dir, inside, 300)] * 6)
-  assert not sum(problems, []), sum(problems, [])[:5]
+  # Fresh processes, not forks of this one: forking a process whose JAX runtime runs threads can hang.
+  stage_dir, inside, n = str(tmp_path / 'stage'), str(tmp_path / 'inside'), 6
+  code = 'import json, sys; from tests.test_compare import _contend; print(json.dumps(_contend(*sys.argv[1:])))'
+  procs = [subprocess.Popen([sys.executable, '-c', code, stage_dir, inside, '300', str(k)], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for k in range(n)]
+  deadline = time.monotonic() + 120
+  while len([f for f in os.listdir(tmp_path) if f.startswith('inside.ready_')]) < n:
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.05)
+  open(f'{inside}.go', 'w').close()  # all start together
+  problems = []
+  for p in procs:
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-2000:]  # e.g. its lock removed by another process under it
+    problems += json.loads(out)
+  assert not problems, problems[:5]
   assert os.listdir(stage_dir) == []  # no lock and no owner files left behind
