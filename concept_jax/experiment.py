@@ -42,7 +42,7 @@ def run_alone(config, workdir: str, runner=train.run) -> dict:
   validate.check(config, workdir)  # a bad config creates nothing, not even the lock's directory
   with StageLock(workdir) as lock:
     if not lock.held:
-      raise ValueError(f'{workdir} is in use by another run (process {lock.owner}, see '
+      raise ValueError(f'{workdir} is in use by another run (process {lock.owner or "starting"}, see '
                        f'{lock.path}). Wait for it to end, or give this run another --workdir.')
     return runner(config, workdir)
 
@@ -117,6 +117,9 @@ def _source(stage) -> str | None:
 
 
 LOCK = 'RUNNING'
+# A lock is created empty and its owner written just after (no hard link, which gcsfuse lacks): an
+# empty lock younger than this is being written; an older one was left by a crash in between.
+WRITING_S = 10.0
 HELD = types.SimpleNamespace(held=True)  # a jax.distributed group's stand-in for a StageLock
 
 
@@ -132,41 +135,43 @@ class StageLock:
   def __enter__(self):
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     me = f'{socket.gethostname()} {os.getpid()}'
-    # The lock appears with its owner already in it (a hard link to a written file): a lock created
-    # empty and written after could be read as '' by another process, which would take it for a
-    # crashed owner's and remove it, and both would run the stage.
-    mine = f'{self.path}.{os.getpid()}'
-    with open(mine, 'w') as f:
-      f.write(me)
-    try:
-      for _ in range(2):
-        try:
-          os.link(mine, self.path)
-        except FileExistsError:
-          self.owner = _read(self.path)
-          if _alive(self.owner):
-            return self
-          if self.owner:  # '': released since; else its process ended without releasing it
-            with contextlib.suppress(FileNotFoundError):  # another process took it over first
-              os.remove(self.path)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        self.owner = _read(self.path)
+        if self.owner is None:  # released since
           continue
-        self.held, self.owner = True, me
-        return self
+        if _alive(self.owner) or (not self.owner and _age(self.path) < WRITING_S):
+          return self  # '': just created, its owner is writing its name (not a crashed owner's)
+        with contextlib.suppress(FileNotFoundError):  # another process took it over first
+          os.remove(self.path)  # its process ended without releasing it (kill -9, a crash)
+        continue
+      with os.fdopen(fd, 'w') as f:
+        f.write(me)
+      self.held, self.owner = True, me
       return self
-    finally:
-      os.remove(mine)
+    return self
 
   def __exit__(self, *exc):
     if self.held:
       os.remove(self.path)
 
 
-def _read(path: str) -> str:
+def _read(path: str) -> str | None:
+  """A lock's owner ('host pid'; '' while its creator writes it); None when there is no lock."""
   try:
     with open(path) as f:
       return f.read().strip()
   except FileNotFoundError:
-    return ''
+    return None
+
+
+def _age(path: str) -> float:
+  try:
+    return time.time() - os.path.getmtime(path)
+  except FileNotFoundError:
+    return 0.0
 
 
 def _alive(owner: str) -> bool:

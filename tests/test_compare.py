@@ -218,6 +218,20 @@ def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
   assert runner.calls[0][0] == 's0_source'
 
 
+def test_an_empty_lock_is_being_written_until_it_is_old(tmp_path):
+  """A lock is created empty, then its owner is written: another process leaves a young empty lock
+  alone; an old one was left by a process that died in between, and is taken over."""
+  lock = tmp_path / experiment.LOCK
+  lock.write_text('')
+  with experiment.StageLock(str(tmp_path)) as taken:
+    assert not taken.held and lock.read_text() == ''
+  old = time.time() - 2 * experiment.WRITING_S
+  os.utime(lock, (old, old))
+  with experiment.StageLock(str(tmp_path)) as taken:
+    assert taken.held and lock.read_text() == f'{socket.gethostname()} {os.getpid()}'
+  assert not lock.exists()
+
+
 def test_a_one_run_workdir_in_use_by_another_process_is_refused(tmp_path):
   config, workdir = tiny_config('erm'), tmp_path / 'run'
   runner = lambda c, d: {'steps': 4}
