@@ -436,7 +436,6 @@ def test_compare_command_line_and_main_dispatch(tmp_path, capsys):
   assert out[out.index('`last.test_main`'):] in done.stdout
 
 
-
 def _contend(stage_dir, inside, rounds, name):
   """One process of the test below: once every process is ready, takes the lock `rounds` times; while
   it holds it, the owner on disk is itself and no other holder has marked `inside`."""

@@ -79,7 +79,7 @@ METHOD_STATE = {'erm': set(), 'stoch_norm': set(), 'bss': set(), 'l2_sp': {'star
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_two_steps_resume_bitwise(tmp_path, monkeypatch, name):
+def test_resume_from_an_earlier_checkpoint_is_bitwise(tmp_path, monkeypatch, name):
   """4 steps with a checkpoint every 2; the last removed, the rerun resumes from step 2 and ends in
   the bitwise-identical state (parameters, optimizer, the method's state, which holds DELTA's
   attention and Co-Tuning's relationship); their method.prepare runs once per workdir, the resume
