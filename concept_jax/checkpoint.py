@@ -15,6 +15,7 @@ newer step lets it go).
 """
 import os
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -168,8 +169,10 @@ def load_state(path: str) -> dict:
     # first device instead, which exists whatever the topology.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            checkpointer.metadata(state_dir).item_metadata.tree)
+      # The item's own metadata: the checkpointer's would look for the step's metadata file in the
+      # item's directory (a CheckpointManager writes it one level up) and warn that it is missing.
+      tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
       return jax.device_get(checkpointer.restore(state_dir, target))
     except Exception as e:  # Orbax and tensorstore raise many types for unreadable files
       raise CheckpointError(f'The checkpoint {state_dir} cannot be read ({_reason(e)}).') from e

@@ -46,6 +46,15 @@ def test_results_and_metrics_are_written(tmp_path):
   assert len(evals) == 2 and all(0 <= r['test_main'] <= 100 for r in evals)
 
 
+def test_reading_a_runs_weights_logs_no_warning(tmp_path, caplog):
+  # A fine-tuning stage reads its source run this way; Orbax warned that a metadata file was missing
+  # (it looked for the step's file in the item's directory), a line in the middle of `make demo`.
+  train.run(tiny_config('erm'), str(tmp_path))
+  with caplog.at_level('WARNING'):
+    assert 'params' in checkpoint.load_variables(str(tmp_path))
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= 30]
+
+
 def test_non_finite_loss_stops_and_names_the_step(tmp_path):
   config = tiny_config('erm')
   config.optim.lr = 1e30
