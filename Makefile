@@ -17,8 +17,10 @@ $(VENV)/.runtime: requirements.txt
 	touch $@
 
 # The dependencies come from the pins above; pip fetches setuptools to build the editable install.
+# -qq: errors only; setuptools warns in a 10-line box that a folder named like the package may be
+# imported instead of it, which is the point of an editable install of this checkout.
 $(VENV)/.package: $(VENV)/.runtime pyproject.toml
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -qq --no-deps -e .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.package requirements-test.txt

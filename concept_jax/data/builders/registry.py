@@ -7,10 +7,14 @@ random access by index lets the training stream seek without decoding skipped ex
 Examples are put in a canonical order, sorted by (label, file name), so that index-based choices
 (sampling-rate subsets, validation hold-out) depend only on the data, not on tfds shard order.
 """
+import contextlib
 import dataclasses
 import fcntl
 import functools
+import io
+import logging
 import os
+import sys
 
 import numpy as np
 
@@ -131,23 +135,49 @@ def make_builder(name, data_dir, manual_dir=None, planted=None, skip_empty_class
                      'data set name.') from e
 
 
+@contextlib.contextmanager
+def _tfds_output_held():
+  """Holds back what tfds prints while it finds and prepares an offline set on first use (a warning
+  about the folder it is about to fill, its notices, a progress bar per split: a screen of `make
+  demo` on a fresh machine per data set) and shows it only if that fails. Yields the real stdout."""
+  stdout, held, absl_logger = sys.stdout, io.StringIO(), logging.getLogger('absl')
+  handler, propagate = logging.StreamHandler(held), absl_logger.propagate
+  absl_logger.addHandler(handler)
+  absl_logger.propagate = False
+  try:
+    with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+      yield stdout
+  except BaseException:
+    sys.stderr.write(held.getvalue())
+    raise
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.propagate = propagate
+
+
 def prepared_builder(name, data_dir, manual_dir=None, planted=None):
   """make_builder, checked to be prepared. The offline sets (digits, coloured_mnist) are prepared on
   first use; any other unprepared data set raises DataNotPreparedError with the command that
   prepares it."""
-  builder = make_builder(name, data_dir, manual_dir, planted)
-  if builder.is_prepared():
+  offline = get_spec(name).builder in _OFFLINE
+  with _tfds_output_held() if offline else contextlib.nullcontext():
+    builder = make_builder(name, data_dir, manual_dir, planted)
+    prepared = builder.is_prepared()
+  if prepared:
     # tfds reads a data set's info when its builder is made: one made while another process (main's
     # --workers, a `prepare` command) was finishing the data holds no splits and fails to read them.
     return builder if builder.info.splits else make_builder(name, data_dir, manual_dir, planted)
-  if get_spec(name).builder in _OFFLINE:
+  if offline:
     # One process prepares, others (main's --workers) wait and then read what it wrote.
     os.makedirs(resolve_data_dir(data_dir), exist_ok=True)
     with open(os.path.join(resolve_data_dir(data_dir), '.concept_jax_prepare.lock'), 'w') as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
-      builder = make_builder(name, data_dir, manual_dir, planted)
-      if not builder.is_prepared():
-        builder.download_and_prepare()
+      with _tfds_output_held() as stdout:
+        builder = make_builder(name, data_dir, manual_dir, planted)
+        if not builder.is_prepared():
+          print(f'Preparing {builder.info.full_name} in {resolve_data_dir(data_dir)} (once, a few '
+                'seconds)', file=stdout, flush=True)
+          builder.download_and_prepare()
     return builder
   spec = get_spec(name)
   msg = (f'Data set {name!r} (tfds {builder.name!r}) is not prepared in '
