@@ -34,7 +34,7 @@ def import_tf():
 
   TF runs only the input pipeline here (decoding, crops, resizing), which oneDNN's kernels (convolutions,
   matrix products) do not touch: with its optimisations off (unless the user set TF_ENABLE_ONEDNN_OPTS)
-  the batches are the same bytes (tests/test_data_pipeline.py), the pipeline takes 10-15% less CPU, and
+  the batches are the same bytes (tests/test_data_pipeline.py), the pipeline takes 11-17% less CPU, and
   TF no longer prints its oneDNN notice, which TF_CPP_MIN_LOG_LEVEL does not hide since TF 2.21.
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
