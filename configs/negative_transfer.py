@@ -3,6 +3,7 @@
 Run the whole benchmark (5 paired seeds, 15% and 30%; README "Does it work?" has the table it makes):
   python -m concept_jax.compare --config configs/negative_transfer.py --workdir runs/negative_transfer \
       --workers=2    # two processes share the runs: one leaves a third of 2 CPU cores idle
+(the references and Concept-Tuning, 50 runs: 28 min on 2 CPU cores from a fresh workdir).
 `make demo` runs its first seed at 15% (`:demo`) in the same workdir, so either reuses the other's
 finished runs (the source models above all). Arguments (':key=value,...'; lists are '/'-separated):
   methods   fine-tuning methods started from the spurious source, besides ERM (default concept_tuning;
