@@ -159,7 +159,8 @@ def prepared_builder(name, data_dir, manual_dir=None, planted=None):
   """make_builder, checked to be prepared. The offline sets (digits, coloured_mnist) are prepared on
   first use; any other unprepared data set raises DataNotPreparedError with the command that
   prepares it."""
-  offline = get_spec(name).builder in _OFFLINE
+  spec = get_spec(name)
+  offline = spec.builder in _OFFLINE
   with _tfds_output_held() if offline else contextlib.nullcontext():
     builder = make_builder(name, data_dir, manual_dir, planted)
     prepared = builder.is_prepared()
@@ -179,7 +180,6 @@ def prepared_builder(name, data_dir, manual_dir=None, planted=None):
                 'seconds)', file=stdout, flush=True)
           builder.download_and_prepare()
     return builder
-  spec = get_spec(name)
   msg = (f'Data set {name!r} (tfds {builder.name!r}) is not prepared in '
          f'{resolve_data_dir(data_dir)}. Prepare it once with:\n  '
          f'{prepare_command(name, data_dir, manual_dir)}')
