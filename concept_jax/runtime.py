@@ -11,13 +11,18 @@ Both change speed only, never a result:
   glibc reads these settings (GLIBC_TUNABLES) only when a process starts, and mallopt() later reaches
   only some of its heaps, so the entry points start themselves again with them (`restart_with_
   malloc_settings`); `make test` sets them for the tests. Where the user set GLIBC_TUNABLES malloc
-  settings, or on other systems, nothing changes.
+  settings, or on other systems, nothing changes. Tried and left out: every thread on the main heap
+  and no mmaps at all (arena_max=1, mmap_max=0). A thread's heap holds at most 64 MiB, so XLA's
+  127 MiB buffer of each Concept-Tuning step is still mmapped (9.7 M page faults in a 300-step run);
+  with these settings 0.7 M, 6.4 instead of 5.3 steps/s alone, but glibc's _int_malloc then took 9%
+  of `make demo`'s CPU samples and the demo was slower (242 and 246 s against 233 and 227 s,
+  2026-12-02, back to back).
 - JAX's persistent compilation cache, in $XDG_CACHE_HOME/concept_jax/xla (~/.cache/...) unless
   JAX_COMPILATION_CACHE_DIR names another place: the stages of a comparison compile the same steps
   (a fine-tune from the clean or the spurious source is one program), and a rerun compiles nothing.
   A fine-tuning stage of the benchmark takes 18 s instead of 24-28 s with the cache warm. It keeps
-  at most 2 GiB (least recently used entries go), unless JAX_COMPILATION_CACHE_MAX_SIZE says
-  otherwise (-1: no bound, as the tests run it).
+  at most 2 GiB (least recently used entries go; bounding it needs the filelock package), unless
+  JAX_COMPILATION_CACHE_MAX_SIZE says otherwise (-1: no bound, as the tests run it).
 """
 import os
 import sys
@@ -48,5 +53,8 @@ def persistent_compilation_cache() -> str:
     jax.config.update('jax_compilation_cache_dir', directory)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:  # -1 there: no bound, no eviction scans
+    # JAX's size bound needs filelock (a pinned dependency); where it is missing JAX turns the whole
+    # cache off with only a warning, so its absence is an error here.
+    import filelock  # noqa: F401
     jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   return directory

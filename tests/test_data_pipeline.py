@@ -132,7 +132,8 @@ def test_config_errors():
 
 
 # A digest of the four-view training batches and the eval batches of synthetic data and of the real
-# digits (PNG files), in a process of its own: TF reads TF_ENABLE_ONEDNN_OPTS when it is imported.
+# digits (PNG files), in a process of its own: TF reads TF_ENABLE_ONEDNN_OPTS and
+# TF_NUM_INTRAOP_THREADS when it is imported.
 _DIGEST = """
 import hashlib, itertools, sys
 from concept_jax.data import augment, pipeline
@@ -149,12 +150,13 @@ print(digest.hexdigest())
 """
 
 
-def test_onednn_off_leaves_the_batches_alone(tmp_path):
-  # import_tf turns TF's oneDNN optimisations off (its notice was the first line of `make demo`); they
-  # must not have changed a pixel.
+def test_tf_settings_leave_the_batches_alone(tmp_path):
+  # import_tf turns TF's oneDNN optimisations off (its notice was the first line of `make demo`) and
+  # runs each op on one thread (CPU): neither may change a pixel. TF's defaults: oneDNN on, 0 = all cores.
+  settings = [dict(TF_ENABLE_ONEDNN_OPTS='0', TF_NUM_INTRAOP_THREADS='1'),
+              dict(TF_ENABLE_ONEDNN_OPTS='1', TF_NUM_INTRAOP_THREADS='0')]
   runs = [subprocess.Popen([sys.executable, '-c', _DIGEST, str(tmp_path)], text=True,
-                           stdout=subprocess.PIPE, env=subprocess_env(TF_ENABLE_ONEDNN_OPTS=flag))
-          for flag in ('0', '1')]
+                           stdout=subprocess.PIPE, env=subprocess_env(**env)) for env in settings]
   digests = [run.communicate()[0].splitlines()[-1] for run in runs]  # after a 'Preparing' line
   assert [run.returncode for run in runs] == [0, 0]
   assert digests[0] == digests[1] and len(digests[0]) == 64

@@ -113,6 +113,25 @@ def test_entry_points_restart_with_the_allocator_settings_and_cache_compilations
   assert cache == str(tmp_path / 'concept_jax' / 'xla')
 
 
+def test_the_compilation_cache_keeps_what_an_entry_point_compiles(tmp_path):
+  # With the size bound the entry points set: JAX turns a bounded cache off, with only a warning,
+  # where filelock is missing; a second process must find the first one's program.
+  env = subprocess_env(XDG_CACHE_HOME=str(tmp_path))
+  for key in ('JAX_COMPILATION_CACHE_DIR', 'JAX_COMPILATION_CACHE_MAX_SIZE'):
+    env.pop(key)
+  code = ('import warnings; import jax; from concept_jax import runtime; warnings.simplefilter("error"); '
+          'runtime.persistent_compilation_cache(); print(jax.config.jax_compilation_cache_max_size); '
+          'jax.config.update("jax_persistent_cache_min_compile_time_secs", 0); '  # a quick program too
+          'jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()')
+  entries = []
+  for _ in range(2):
+    done = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(runtime.CACHE_MAX_BYTES)]
+    entries.append({f for f in os.listdir(tmp_path / 'concept_jax' / 'xla') if f.endswith('-cache')})
+  assert entries[0] and entries[1] == entries[0]  # written by the first process, read by the second
+
+
 def test_a_helper_that_failed_is_named_with_the_end_of_its_log(tmp_path, capsys):
   from concept_jax import main
   helpers = []
