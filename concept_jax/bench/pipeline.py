@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from concept_jax.bench.report import cpu_count
 from concept_jax.bench.settings import make_config
+from concept_jax.runtime import cpu_count
 
 
 def bench_pipeline(args) -> dict:

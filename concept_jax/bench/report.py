@@ -1,14 +1,11 @@
 """The benchmark report: environment, a printed table, JSON."""
 import datetime
-import os
 import platform
 import sys
 
 import jax
 
-
-def cpu_count():
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+from concept_jax.runtime import cpu_count
 
 
 def environment() -> dict:

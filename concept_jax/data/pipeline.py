@@ -22,12 +22,12 @@ import weakref
 import ml_collections
 import numpy as np
 
+from concept_jax import runtime
 from concept_jax.data import augment, splits
 from concept_jax.data.builders import common, registry, synthetic
 
-# Batches made ahead of the consumer. With AUTOTUNE, tf.data kept working while the consumer was busy
-# (compiling) on batches a short run never takes: closing the iterator after an 8 s busy consumer took
-# 2.2 s, against 0.01 s with this fixed buffer (2 cores). Batch contents do not depend on it.
+# Batches made ahead of the consumer: a fixed buffer, not AUTOTUNE's, which kept tf.data working on
+# batches a short run never takes while the consumer compiled. Batch contents do not depend on it.
 PREFETCH = 2
 
 
@@ -245,14 +245,27 @@ def train_batches(data_config, views, *, global_batch_size, seed, start_step=0, 
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.int64))).unbatch()
-  ds = ds.map(_plain(tf, make_views), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(b).prefetch(PREFETCH)
+  ds = _mapped(tf, ds, make_views, b)
 
   def rows_of(step):  # subset indices of this process's rows of a step (to name a broken image)
     first = step * global_batch_size + process_index * b
     return [_EpochPermutation(n, seed)(g) for g in range(first, first + b)]
 
   return _track(_iterate(ds, itertools.count(start_step), rows_of, subset, data_config))
+
+
+def _mapped(tf, ds, fn, b):
+  """ds.map(fn), one call per core at a time, in order, batched by b, PREFETCH batches ahead.
+
+  tf.data's autotuner is off: its thread sleeps between rounds for periods that double up to a
+  minute, and (TF 2.21) closing an iterator waits for the sleep to end, so a run waited up to 35 s
+  after its last step (`make demo` lost 20-35 s after each source model, 2026-12-02). The batches do
+  not depend on the number of parallel calls (deterministic order, per-example seeds).
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  ds = ds.map(_plain(tf, fn), num_parallel_calls=runtime.cpu_count(), deterministic=True)
+  return ds.batch(b).prefetch(PREFETCH).with_options(options)
 
 
 def _plain(tf, fn):
@@ -307,8 +320,7 @@ def eval_batches(data_config, split, *, batch_size, image_size, process_index=0,
   ds = tf.data.Dataset.from_generator(generate, output_signature=(
       tf.TensorSpec((b,), tf.string), tf.TensorSpec((b,), tf.int64), tf.TensorSpec((b,), tf.int32),
       tf.TensorSpec((b,), tf.bool))).unbatch()
-  ds = ds.map(_plain(tf, transform), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(b).prefetch(PREFETCH)
+  ds = _mapped(tf, ds, transform, b)
   rows_of = lambda s: [g for g in range(s * batch_size, (s + 1) * batch_size) if g < n]
   return _track(_iterate(ds, range(steps), rows_of, subset, data_config))
 
