@@ -26,8 +26,8 @@ from concept_jax import runtime
 from concept_jax.data import augment, splits
 from concept_jax.data.builders import common, registry, synthetic
 
-# Batches made ahead of the consumer: a fixed buffer, not AUTOTUNE's, which kept tf.data working on
-# batches a short run never takes while the consumer compiled. Batch contents do not depend on it.
+# Batches made ahead of the consumer: a fixed buffer, as the autotuner that would size one is off
+# (`_mapped`). Batch contents do not depend on it.
 PREFETCH = 2
 
 
