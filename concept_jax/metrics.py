@@ -1,5 +1,5 @@
 """Measurements: JSON lines in WORKDIR/metrics.jsonl and TensorBoard scalars beside them, a progress bar,
-the NaN guard."""
+the NaN guard, the machine a run's numbers came from."""
 import json
 import math
 import os
@@ -7,8 +7,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import tqdm
+
+from concept_jax import runtime
 
 # The train step's per-step flag: loss, gradient norm and the whole new state are finite. A guard, not
 # a measurement: read before every log and every save, never averaged or written.
@@ -125,6 +128,47 @@ def host_rss_mib() -> float | None:
       return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
   except (OSError, ValueError, IndexError):
     return None
+
+
+# CPU features that change which kernels XLA:CPU runs (YNNPACK, oneDNN, Eigen pick their code by them).
+_CPU_FEATURES = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16', 'amx_bf16',
+                 'amx_tile', 'asimd', 'sve')
+
+
+def environment() -> dict:
+  """What a run's numbers depend on besides its config: versions, devices and, on CPU, the CPU.
+
+  XLA picks its kernels (and so the order of float sums) by the device and, on CPU, by the
+  instruction set, so one config trained twice on one machine gives the same numbers, and on another
+  CPU model or core count numbers that differ within the seeds' spread. results.json records this
+  to tell which.
+  """
+  devices = jax.devices()
+  record = {'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'backend': jax.default_backend(),
+            'devices': f'{len(devices)} x {devices[0].device_kind}', 'processes': jax.process_count()}
+  if jax.default_backend() == 'cpu':  # XLA:CPU also splits its work by the number of cores
+    record.update(cpu=_cpu(), cpu_cores=runtime.cpu_count())
+  return record
+
+
+def _cpu() -> str:
+  import platform
+  try:
+    with open('/proc/cpuinfo') as f:
+      return cpu_description(f.read())
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def cpu_description(cpuinfo: str) -> str:
+  """'model name (family/model), features' from the text of Linux's /proc/cpuinfo (its first CPU)."""
+  first = cpuinfo.split('\n\n')[0].splitlines()
+  fields = {k.strip(): v.strip() for k, v in (line.split(':', 1) for line in first if ':' in line)}
+  flags = set((fields.get('flags') or fields.get('Features', '')).split())
+  name = fields.get('model name') or f"CPU implementer {fields.get('CPU implementer', '?')}"
+  family = '/'.join(fields[k] for k in ('cpu family', 'model') if k in fields)
+  features = ' '.join(f for f in _CPU_FEATURES if f in flags)
+  return name + (f' ({family})' if family else '') + (f', {features}' if features else '')
 
 
 def progress(total: int, initial: int):

@@ -297,7 +297,8 @@ def run(config, workdir: str) -> dict:
     log(f'SIGTERM: saved step {step} to {ckpt.directory}; rerun the same command to resume.')
     return {'preempted_at': step}
   summary = summarize(history)
-  summary.update(method=config.method.name, data=config.data.name, steps=step)
+  summary.update(method=config.method.name, data=config.data.name, steps=step,
+                 environment=metrics.environment())
   if jax.process_index() == 0:
     # Written whole or not at all: experiment.py treats an existing results.json as a finished run.
     path = os.path.join(workdir, 'results.json')

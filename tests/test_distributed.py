@@ -129,8 +129,16 @@ def _free_port() -> int:
 
 
 def _results(workdir) -> dict:
+  """results.json without its environment record (the devices and processes differ by design)."""
   with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)
+    results = json.load(f)
+  del results['environment']
+  return results
+
+
+def _environment(workdir) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)['environment']
 
 
 def assert_same_state(path_a, path_b) -> None:
@@ -171,6 +179,8 @@ FOUR_DEVICES = ('erm', 'bi_tuning', 'l2_sp')
 def test_four_devices_train_like_one(one_device, four_devices, name):
   assert_same_state(four_devices / name, one_device / name)
   assert _results(four_devices / name) == _results(one_device / name)
+  assert _environment(four_devices / name)['devices'] == '4 x cpu'
+  assert _environment(one_device / name)['devices'] == '1 x cpu'
 
 
 # One launch runs ERM, Concept-Tuning and DELTA as the stages of one config (a multi-host comparison
@@ -205,6 +215,7 @@ def test_two_processes_train_preempt_and_resume_like_one(one_device, tmp_path):
     for name in COMPARED:
       assert_same_state(workdir / name, one_device / name)
       assert _results(workdir / name) == _results(one_device / name)
+      assert _environment(workdir / name)['processes'] == 2
 
   proc = _start(command, dict(env, PORT=str(_free_port())))
   try:

@@ -3,6 +3,7 @@ every method: test_methods.py)."""
 import json
 import os
 
+import jax
 import pytest
 
 from concept_jax import checkpoint, metrics, train
@@ -38,12 +39,24 @@ def test_results_and_metrics_are_written(tmp_path):
   with open(tmp_path / 'results.json') as f:
     assert json.load(f) == summary
   assert set(summary) >= {'official', 'held_out', 'last'}
+  assert summary['environment']['backend'] == 'cpu' and summary['environment']['jax'] == jax.__version__
+  # XLA:CPU's kernels, and so the numbers, depend on the CPU model and on the number of cores.
+  assert summary['environment']['cpu'] and summary['environment']['cpu_cores'] >= 1
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   train_records = [r for r in records if 'loss' in r]
   assert [r['step'] for r in train_records] == [1, 2, 3, 4]
   assert {'loss', 'lr', 'grad_norm', 'accuracy', 'steps_per_sec'} <= set(train_records[0])
   evals = [r for r in records if 'test_main' in r]
   assert len(evals) == 2 and all(0 <= r['test_main'] <= 100 for r in evals)
+
+
+def test_the_cpu_is_described_by_model_and_the_features_xla_picks_kernels_by():
+  x86 = ('processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n'
+         'model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu avx avx2 fma avx512f amx_tile\n\n'
+         'processor\t: 1\nmodel name\t: another\n')
+  assert metrics.cpu_description(x86) == 'Intel(R) Xeon(R) Platinum 8480+ (6/143), avx2 fma avx512f amx_tile'
+  arm = 'processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n'
+  assert metrics.cpu_description(arm) == 'CPU implementer 0x41, asimd sve'
 
 
 def test_reading_a_runs_weights_logs_no_warning(tmp_path, caplog):
