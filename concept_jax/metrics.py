@@ -3,6 +3,7 @@ the NaN guard, the machine a run's numbers came from."""
 import json
 import math
 import os
+import platform
 import sys
 
 import jax
@@ -152,7 +153,6 @@ def environment() -> dict:
 
 
 def _cpu() -> str:
-  import platform
   try:
     with open('/proc/cpuinfo') as f:
       return cpu_description(f.read())

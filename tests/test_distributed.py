@@ -128,17 +128,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _results_json(workdir) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
 def _results(workdir) -> dict:
   """results.json without its environment record (the devices and processes differ by design)."""
-  with open(os.path.join(workdir, 'results.json')) as f:
-    results = json.load(f)
+  results = _results_json(workdir)
   del results['environment']
   return results
 
 
 def _environment(workdir) -> dict:
-  with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)['environment']
+  return _results_json(workdir)['environment']
 
 
 def assert_same_state(path_a, path_b) -> None:
