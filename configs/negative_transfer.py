@@ -14,7 +14,7 @@ finished runs (the source models above all). Arguments (':key=value,...'; lists 
   feature   the planted feature: stroke (colour of the digit), background, marker
   p         how often the planted feature agrees with the source label (0.95)
   variants  Concept-Tuning variants from VARIANTS below ('/'-separated), each its own row: the settings
-            search and the ablations
+            search, the ablations and the warm-up study
   metric    test (the table) or val (the settings search: the held-out validation split)
   demo      seeds=1, rates=15: the embedded default of README's quick start
   fast      a few steps per run (tests)
@@ -60,6 +60,10 @@ VARIANTS = {
     'no_image_contrast': dict(trade_off=0.0),
     'no_concept_contrast': dict(beta=0.0),
     'no_ib_head': dict(ib_weight=0.0, infow=0.0),
+    # Not official: the contrastive weights ramped up over the first quarter or half of the run (the
+    # main head's early cross-entropy spike); the length is chosen on the validation split.
+    'warmup_75': dict(contrast_warmup=75),
+    'warmup_150': dict(contrast_warmup=150),
 }
 
 

@@ -92,6 +92,28 @@ def test_state_updates(setup, computed):
   assert ptr[1] == 2 % k and ptr[3] == 1 and ptr[7] == 1 and ptr.sum() == 2 % k + 2
 
 
+def test_contrast_warmup_ramps_both_contrastive_weights_up_from_zero(setup):
+  _, _, variables, official_state, images, labels = setup
+  assert 'step' not in official_state  # the official state (no warm-up) has no clock
+  config = tiny_config('concept_tuning')
+  config.method.update(contrast_warmup=4, trade_off=0.5, beta=2.0)
+  method = methods.get('concept_tuning')(config, num_classes=10)
+  state = method.init_state(jax.random.key(2), variables)
+  assert int(state['step']) == 0
+  loss = jax.jit(method.loss)
+  m = config.method
+  for step, ramp in ((0, 0.0), (2, 0.5), (4, 1.0), (7, 1.0)):
+    state['step'] = jnp.int32(step)
+    total, (metrics, _, new_state) = loss(variables['params'], variables['batch_stats'], state,
+                                          images, labels, jax.random.key(4))
+    assert metrics['image_contrast'] > 0 and metrics['concept_contrast'] > 0  # the ramp is visible
+    expected = (metrics['ce'] + ramp * (m.trade_off * metrics['image_contrast']
+                                        + m.beta * metrics['concept_contrast'])
+                + m.ib_weight * metrics['ib_ce'] + m.infow * metrics['kl'])
+    np.testing.assert_allclose(total, expected, rtol=1e-5, err_msg=f'step {step}')
+    assert int(new_state['step']) == step + 1
+
+
 def test_short_run_learns_with_every_term_finite(tmp_path):
   config = tiny_config('concept_tuning')
   config.epochs, config.iters_per_epoch, config.checkpoint_every = 1, 16, 16

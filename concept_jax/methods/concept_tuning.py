@@ -8,8 +8,9 @@ One step, as the official code orders it (../shared/docs/method.md section 3):
   4. EMA of k towards q (q's parameters from before this step's update).
   5. k on view 1 -> z_k; k on view 3 -> boxes -> zk_p.
   6. losses against the queues as they were, then enqueue z_k, zk_p.
-Extra state: {'key_params', 'queues': {'z', 'h', 'ptr'}}. The key encoder's BatchNorm running
-statistics are never read (k always runs in train mode), so they are not kept.
+Extra state: {'key_params', 'queues': {'z', 'h', 'ptr'}}, and 'step' with method.contrast_warmup. The
+key encoder's BatchNorm running statistics are never read (k always runs in train mode), so they are
+not kept.
 """
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,10 @@ class ConceptTuning(Method):
         confusing=100,            # confusing classes per sample (CUB recipe: 199)
         trade_off=1.0,            # image-level contrast weight
         beta=1.0,                 # concept-level contrast weight
+        # Not in the official code (0: off): steps over which trade_off and beta ramp up linearly from
+        # 0, for short runs whose first steps' image-level contrast, against a random key head and
+        # random queues, throws the main head off (README "Why the main head falls on some seeds").
+        contrast_warmup=0,
         ib_weight=1.0,            # CE of the information-bottleneck head
         infow=5e-3,               # KL weight
         kl_scale='exp',           # official quirk: KL with exp(std) as the scale; 'std' is the textbook one
@@ -68,6 +73,7 @@ class ConceptTuning(Method):
                        "CUB's recipe uses 199")
     problems += number('patch_size', int, f'[1, {config.image_size}]', f'image_size={config.image_size}')
     problems += number('queue_size', int, '[1, inf)') + number('num_concepts', int, '[1, inf)')
+    problems += number('contrast_warmup', int, '[0, inf)', '0: the official full weights from the first step')
     problems += number('temperature', float, '(0, inf)') + number('momentum', float, '[0, 1]')
     for weight in ('trade_off', 'beta', 'ib_weight', 'infow'):
       problems += number(weight, float, '[0, inf)')
@@ -103,10 +109,13 @@ class ConceptTuning(Method):
   def init_state(self, rng, variables, prepared=None) -> dict:
     del prepared
     m = self.config.method
-    return {'key_params': momentum.init_key_params(variables['params']),
-            'queues': queues.init_queues(rng, self.num_classes, m.queue_size,
-                                         {'z': (self.num_classes,),
-                                          'h': (m.num_concepts, self.num_classes)})}
+    state = {'key_params': momentum.init_key_params(variables['params']),
+             'queues': queues.init_queues(rng, self.num_classes, m.queue_size,
+                                          {'z': (self.num_classes,),
+                                           'h': (m.num_concepts, self.num_classes)})}
+    if m.contrast_warmup:  # the warm-up's clock; the official state has none
+      state['step'] = jnp.zeros((), jnp.int32)
+    return state
 
   def concepts(self, key_params, batch_stats, images, labels, rng):
     """k (train mode, no gradient) on one view -> (z (B, C) normalised logits, boxes (B, 9, 4), confusing)."""
@@ -157,9 +166,14 @@ class ConceptTuning(Method):
         thresh=m.sinkhorn_thresh, with_aux=True)
     ib_ce = cross_entropy(out['ib_logits'], labels, self.config.label_smoothing)
     kl = losses.ib_kl(out['mu'], out['std'], scale=m.kl_scale)
-    total = ce + m.trade_off * image + m.beta * concept + m.ib_weight * ib_ce + m.infow * kl
-
+    trade_off, beta = m.trade_off, m.beta
     new_state = {'key_params': key_params, 'queues': queues.enqueue(q, {'z': z_k, 'h': zk_p}, labels)}
+    if m.contrast_warmup:
+      ramp = jnp.minimum(1.0, state['step'] / m.contrast_warmup)  # 0 at the first step
+      trade_off, beta = trade_off * ramp, beta * ramp
+      new_state['step'] = state['step'] + 1
+    total = ce + trade_off * image + beta * concept + m.ib_weight * ib_ce + m.infow * kl
+
     metrics = {'ce': ce, 'image_contrast': image, 'concept_contrast': concept, 'ib_ce': ib_ce,
                'kl': kl, 'accuracy': accuracy(out['logits'], labels),
                'ib_accuracy': accuracy(out['ib_logits'], labels),
