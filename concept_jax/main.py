@@ -19,10 +19,16 @@ import subprocess
 import sys
 import traceback
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from concept_jax import runtime
 
-from concept_jax import compare, distributed, experiment, runtime
+if __name__ == '__main__':
+  # Before the imports below (jax, orbax, ...: 1.2 s of CPU), which the restarted process makes anyway.
+  runtime.restart_with_malloc_settings()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from concept_jax import compare, distributed, experiment  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, with optional :key=value arguments.',
                                           lock_config=True)
@@ -173,7 +179,7 @@ def fail(e: Exception, verbose: bool):
 
 def cli(run=run):
   """The command line; run(config, workdir) is what it calls (python -m concept_jax.compare: compare.run)."""
-  runtime.restart_with_malloc_settings()
+  runtime.restart_with_malloc_settings()  # already done when main.py runs as __main__
   problem = config_errors(sys.argv[1:])
   if problem:
     sys.exit(f'concept_jax: error: {problem}')
