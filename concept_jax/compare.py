@@ -314,16 +314,18 @@ def chart(table: dict, comparison: dict, path: str) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def run(config, workdir: str, runner=train.run, helper: bool = False) -> dict | None:
+def run(config, workdir: str, runner=train.run, helper: bool = False,
+        first_taken=None) -> dict | None:
   """Runs the comparison's unfinished stages, then writes and prints its table (a helper process of
-  main's --workers only runs stages: None).
+  main's --workers only runs stages: None; first_taken: see experiment.run_stages).
 
   runner(config, run_dir) -> summary trains one run (train.run; tests pass a fake that writes
   RUN_DIR/results.json as train.run does). Returns {'records', 'missing', 'table', 'sources',
   'sentence'}.
   """
   check(config)
-  summaries = {s['run']: s for s in experiment.run_stages(config, workdir, runner, helper=helper)}
+  summaries = {s['run']: s for s in experiment.run_stages(config, workdir, runner, helper=helper,
+                                                                first_taken=first_taken)}
   return None if helper else report(config, workdir, summaries)
 
 

@@ -11,6 +11,7 @@ GPU or per host, or `--workers=2` on a 2-core CPU (concept_jax/main.py starts th
 the next stage that no other process holds (StageLock) and whose source has finished.
 """
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -22,12 +23,13 @@ import jax
 from concept_jax import train, validate
 
 
-def run(config, workdir: str, helper: bool = False) -> list[dict]:
-  """Runs config (or its stages); prints and returns one summary per run (helper: see run_stages)."""
+def run(config, workdir: str, helper: bool = False, first_taken=None) -> list[dict]:
+  """Runs config (or its stages); prints and returns one summary per run (helper, first_taken: see
+  run_stages)."""
   if 'stages' not in config:
     summaries = [run_alone(config, workdir)]
   else:
-    summaries = run_stages(config, workdir, helper=helper)
+    summaries = run_stages(config, workdir, helper=helper, first_taken=first_taken)
   if not helper:
     train.log(results_table(summaries))
   return summaries
@@ -48,7 +50,7 @@ def run_alone(config, workdir: str, runner=train.run) -> dict:
 
 
 def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
-               helper: bool = False) -> list[dict]:
+               helper: bool = False, first_taken=None) -> list[dict]:
   """Runs config.stage_order's stages, each in WORKDIR/<stage>; one summary per finished stage, in
   that order, each with 'run': its name. Stops after a stage interrupted by SIGTERM (the rerun
   resumes it).
@@ -58,7 +60,8 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
   seconds) for the other processes' stages. A helper (main's --workers) stops instead once every
   stage left is held by another process or waits for one; the others wait for the whole set.
   runner(config, run_dir) -> summary trains one run and writes RUN_DIR/results.json (train.run; tests
-  pass a fake).
+  pass a fake). first_taken(), if given, is called once: when this process has taken its first stage
+  (before running it) or found none to take (main's --workers lets its helpers start there).
 
   Processes of one jax.distributed run (a multi-host job, launch/local.sh) train every stage together,
   so they act as one: no locks, and what has finished is what was read at the start plus what they
@@ -66,6 +69,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
   differently and hang in each other's collectives). Such a group does not share a workdir with others.
   """
   group = jax.process_count() > 1
+  first_taken = functools.cache(first_taken or (lambda: None))  # a cached call runs once
   order = tuple(config.stage_order)
   unknown = [name for name in order if name not in config.stages]
   if unknown:
@@ -93,6 +97,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
       with contextlib.nullcontext(HELD) if group else StageLock(stage_dir) as lock:
         if not lock.held or (not group and read_results(stage_dir) is not None):
           continue
+        first_taken()
         todo = [_work(config.stages[n]) for n in pending]
         train.log(f'[{number[name]}/{len(order)}] {name} ... '
                   f'({progress(time.perf_counter() - start, timed, todo)})')
@@ -105,6 +110,7 @@ def run_stages(config, workdir: str, runner=train.run, poll: float = 2.0,
         return [done[n] for n in order if n in done]
       break
     else:  # nothing to take now: the stages left are running elsewhere or wait for one that is
+      first_taken()
       if helper:
         break
       time.sleep(poll)

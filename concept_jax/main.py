@@ -5,9 +5,10 @@ One run, a stages config (concept_jax/experiment.py) or a comparison (concept_ja
 starts (the same command with --worker_index=k, output in WORKDIR/worker_<k>.log), each taking the
 next stage that is free and whose source has finished. One process keeps 2 CPU cores only 60% busy
 (the benchmark's small network does not split well over threads): `make demo` uses --workers=2. The
-helpers run HELPER_NICENESS steps down in priority: this process takes the stages in order, so it runs
-the longest chain (a source model, then the methods started from it) at full speed while the helpers
-use what it leaves (`make demo`: 2 min 51 s against 3 min 04 s with equal priorities, 2026-12-02).
+helpers run HELPER_NICENESS steps down in priority and take no stage before this process has taken
+its first: it takes the stages in order, so it runs the longest chain (a source model, then the
+methods started from it) at full speed while the helpers use what it leaves (`make demo`: 2 min 51 s
+against 3 min 04 s with equal priorities, 2026-12-02).
 The processes are not pinned to cores: XLA:CPU's results depend on how many threads it splits work
 over, so a pinned process would not reproduce a run made alone.
 """
@@ -18,6 +19,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from typing import Callable
 
 from concept_jax import runtime
 
@@ -42,6 +44,8 @@ _WORKERS = flags.DEFINE_integer('workers', 1, 'Processes that run a stages confi
                                 'machine (this one starts the others); 2 on a 2-core CPU.')
 _WORKER_INDEX = flags.DEFINE_integer('worker_index', 0, 'Set by --workers on the processes it starts '
                                      '(1, 2, ...): run stages until none is left to take; no table.')
+_START_FD = flags.DEFINE_integer('start_fd', -1, 'Set by --workers on the processes it starts: a '
+                                 'pipe they wait on until this process has taken its first stage.')
 flags.mark_flags_as_required(['config', 'workdir'])
 HELPER_NICENESS = 10
 
@@ -89,19 +93,28 @@ def config_errors(argv: list[str]) -> str:
   return ''
 
 
-def run(config, workdir: str, helper: bool = False):
+def run(config, workdir: str, helper: bool = False, first_taken=None):
   """A comparison config (a `comparison` field) -> compare.run; else experiment.run."""
   if 'comparison' in config:
-    return compare.run(config, workdir, helper=helper)
-  return experiment.run(config, workdir, helper=helper)
+    return compare.run(config, workdir, helper=helper, first_taken=first_taken)
+  return experiment.run(config, workdir, helper=helper, first_taken=first_taken)
 
 
-def start_helpers(config, workdir: str, workers: int) -> list[subprocess.Popen]:
-  """The workers - 1 helper processes of --workers, each logging to WORKDIR/worker_<k>.log."""
+def start_helpers(config, workdir: str, workers: int) -> tuple[list[subprocess.Popen], Callable]:
+  """The workers - 1 helper processes of --workers, each logging to WORKDIR/worker_<k>.log, and the
+  call that lets them take stages.
+
+  They start at once, so that their imports overlap this process's, but take no stage before that
+  call (they wait for the end of a pipe, --start_fd): made once this process has taken its first
+  stage, it leaves this process, at full priority, the first stage in the order, the head of the
+  longest chain, as the priorities intend. Before, a helper took it in 2 of 26 `make demo` runs
+  (2026-12-02 and 03); those took no longer than their neighbours (once this process had nothing left
+  to take, the helper had both cores), but their order was not the one the timings describe.
+  """
   if workers < 1:
     raise ValueError(f'--workers={workers}: give 1 or more processes.')
   if workers == 1 or _WORKER_INDEX.value:
-    return []
+    return [], lambda: None
   if 'stages' not in config:
     raise ValueError(f'--workers={workers} shares the stages of a stages config or a comparison '
                      'among processes; this config is one run: leave --workers out.')
@@ -109,14 +122,17 @@ def start_helpers(config, workdir: str, workers: int) -> list[subprocess.Popen]:
     raise ValueError('--workers starts processes on this machine; with --num_processes (one run over '
                      'several processes) leave it out.')
   os.makedirs(workdir, exist_ok=True)
-  helpers = []
+  helpers, (wait_end, release_end) = [], os.pipe()
   for k in range(1, workers):
-    command = [sys.executable, '-m', 'concept_jax.main', *sys.argv[1:], f'--worker_index={k}']
+    command = [sys.executable, '-m', 'concept_jax.main', *sys.argv[1:], f'--worker_index={k}',
+               f'--start_fd={wait_end}']
     with open(os.path.join(workdir, f'worker_{k}.log'), 'a') as log:
-      helpers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+      helpers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                      pass_fds=(wait_end,)))
+  os.close(wait_end)
   logs = ', '.join(f'worker_{k}.log' for k in range(1, workers))
   print(f'{workers - 1} helper process(es) started; their output: {logs} in {workdir}', flush=True)
-  return helpers
+  return helpers, functools.cache(lambda: os.close(release_end))  # closed once, their read ends
 
 
 def stop_helpers(helpers: list[subprocess.Popen], workdir: str) -> None:
@@ -144,14 +160,18 @@ def main(argv, run=run):
   try:
     if _WORKER_INDEX.value:
       print(f'Helper {_WORKER_INDEX.value} at niceness {os.nice(HELPER_NICENESS)}', flush=True)
-    helpers = start_helpers(_CONFIG.value, _WORKDIR.value, _WORKERS.value)
+    if _START_FD.value >= 0:
+      os.read(_START_FD.value, 1)  # nothing is written: returns when the main process closes it
+      os.close(_START_FD.value)
+    helpers, release = start_helpers(_CONFIG.value, _WORKDIR.value, _WORKERS.value)
     try:
       distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                              _DISTRIBUTED.value)
-      run(_CONFIG.value, _WORKDIR.value, helper=_WORKER_INDEX.value > 0)
+      run(_CONFIG.value, _WORKDIR.value, helper=_WORKER_INDEX.value > 0, first_taken=release)
     except BaseException:
-      stop_helpers(helpers, _WORKDIR.value)
+      stop_helpers(helpers, _WORKDIR.value)  # a helper still waiting for the pipe ends at once
       raise
+    release()  # if every stage had finished before, run took none: the helpers find that and end
     stages = _CONFIG.value.get('stage_order', ())
     if all(experiment.read_results(os.path.join(_WORKDIR.value, name)) for name in stages):
       for helper in helpers:  # each ends once it sees that; a SIGTERM could land between its

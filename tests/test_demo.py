@@ -36,6 +36,7 @@ def test_demo_runs_offline_in_two_processes_and_prints_the_negative_transfer_tab
   assert mine and theirs and not mine & theirs, (  # a string: pytest would shorten a tuple's repr
       f'main ran {sorted(mine)}, the helper {sorted(theirs)}; the end of the helper log:\n{helper[-3000:]}')
   assert mine | theirs == set(config.stage_order)   # the demo's six stages, each run once
+  assert config.stage_order[0] in mine              # the helper waited for the main process's first
   assert f'Helper 1 at niceness {min(19, os.nice(0) + main.HELPER_NICENESS)}\n' in helper
   assert not list(workdir.rglob(experiment.LOCK))
   # Both fine-tunes from the spurious source read its weights, whichever process ran them.
