@@ -41,10 +41,15 @@ import io
 import math
 import os
 
-import jax
-import numpy as np
+from concept_jax import runtime
 
-from concept_jax import experiment, train
+if __name__ == '__main__':
+  runtime.restart_with_malloc_settings()  # before jax and the rest, as main.py does
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from concept_jax import experiment, train  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,16 +113,18 @@ def test_entry_points_restart_with_the_allocator_settings_and_cache_compilations
   assert cache == str(tmp_path / 'concept_jax' / 'xla')
 
 
-def test_the_command_restarts_before_importing_jax(tmp_path):
+@pytest.mark.parametrize('command, usage', [('concept_jax.main', 'python -m concept_jax.main) --config'),
+                                            ('concept_jax.compare', 'python -m concept_jax.compare --config')])
+def test_the_command_restarts_before_importing_jax(tmp_path, command, usage):
   # -X importtime is kept across the restart (sys.orig_argv), so both processes report their imports:
   # jax imported once means the first process replaced itself before paying for it (1 s of CPU).
   env = subprocess_env(XDG_CACHE_HOME=str(tmp_path), GLIBC_TUNABLES='')
-  done = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'concept_jax.main', '--helpfull'],
+  done = subprocess.run([sys.executable, '-X', 'importtime', '-m', command, '--helpfull'],
                         env=env, cwd=ROOT, capture_output=True, text=True)
-  assert 'python -m concept_jax.main) --config' in done.stdout, done.stderr[-2000:]  # absl's help
+  assert usage in done.stdout, done.stderr[-2000:]  # absl's help: the module's docstring
   imports = [line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines()
              if line.startswith('import time:')]
-  assert imports.count('concept_jax.runtime') == 2   # both processes ran main.py's first lines
+  assert imports.count('concept_jax.runtime') == 2   # both processes ran the module's first lines
   assert imports.count('jax') == 1
 
 
