@@ -191,17 +191,13 @@ def test_a_helper_stops_when_what_is_left_waits_for_another_process(tmp_path):
 def test_first_taken_is_called_once_holding_the_first_stage_or_finding_none(tmp_path):
   """main's --workers releases its helpers there, so the main process runs the first stage."""
   config = comparison_config()
-  calls, fake = [], FakeRunner()
-
-  def first_taken():
-    lock = tmp_path / config.stage_order[0] / experiment.LOCK
-    calls.append((len(fake.calls), lock.read_text().split()[-1]))
-
-  experiment.run_stages(config, str(tmp_path), runner=fake, first_taken=first_taken)
+  calls, fake, first = [], FakeRunner(), tmp_path / config.stage_order[0]
+  experiment.run_stages(config, str(tmp_path), runner=fake, first_taken=lambda: calls.append(
+      (len(fake.calls), (first / experiment.LOCK).read_text().split()[-1])))
   assert calls == [(0, str(os.getpid()))]  # before any run, holding the first stage's lock
-  lock = tmp_path / 's0_source' / experiment.LOCK
-  lock.write_text(f'{socket.gethostname()} {os.getppid()}')  # a live process holds a stage again
-  (tmp_path / 's0_source' / 'results.json').unlink()
+  # The first stage unfinished again and held by a live process: the rest is finished.
+  (first / experiment.LOCK).write_text(f'{socket.gethostname()} {os.getppid()}')
+  (first / 'results.json').unlink()
   calls.clear()
   experiment.run_stages(config, str(tmp_path), runner=fake, helper=True,
                         first_taken=lambda: calls.append('none to take'))
