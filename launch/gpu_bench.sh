@@ -76,7 +76,7 @@ if reports:
   merged['settings'] = dict(merged['settings'], rows=' '.join(rows))
   with open(os.path.join(out, 'bench.json'), 'w') as f:
     json.dump(merged, f, indent=2)
-  from concept_jax.bench import table
+  from concept_jax.bench.report import table
   print(table(merged))
 print(f'{len(reports)} of {len(rows)} rows in {out}/bench.json')
 EOF

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from concept_jax import bench, methods
+from concept_jax import methods
+from concept_jax.bench import pipeline, run, settings
 from tests.conftest import ROOT, subprocess_env
 
 # Runs the benchmark with TensorFlow and tensorflow-datasets unimportable, as on the GPU machine.
@@ -98,7 +99,7 @@ def test_pipeline_throughput(tmp_path, source):
     from concept_jax.data import prepare
     prepare.prepare('digits', str(tmp_path / 'tfds'))
     args.append(f'--pipeline_data_dir={tmp_path / "tfds"}')
-  report = bench.main(args)
+  report = run.main(args)
   assert json.loads(out.read_text()) == report
   (row,) = report['rows']
   assert row['batch_shape'] == [4, 4, 32, 32, 3]
@@ -111,7 +112,7 @@ def test_pipeline_throughput(tmp_path, source):
 
 
 def test_soak_reports_host_memory_over_the_run(tmp_path, capsys):
-  report = bench.main(['--soak', '--soak_steps=40', f'--out={tmp_path / "soak.json"}'])
+  report = run.main(['--soak', '--soak_steps=40', f'--out={tmp_path / "soak.json"}'])
   row, = report['rows']
   assert row['kind'] == 'soak' and row['steps'] == 40 and row['rss_start_step'] == 10
   assert sorted(row['rss_mib_by_step']) == [10, 20, 30, 40]  # a record every 10 steps
@@ -123,7 +124,7 @@ def test_soak_reports_host_memory_over_the_run(tmp_path, capsys):
 
 def test_jpeg_folder_is_shaped_like_cub(tmp_path):
   import tensorflow as tf
-  bench.write_jpeg_folder(str(tmp_path), num_images=4, num_classes=3, seed=0)
+  pipeline.write_jpeg_folder(str(tmp_path), num_images=4, num_classes=3, seed=0)
   train = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / 'train').rglob('*.jpg'))
   assert train == ['train/c000/0.jpg', 'train/c000/3.jpg', 'train/c001/1.jpg', 'train/c002/2.jpg']
   assert len(list((tmp_path / 'test').rglob('*.jpg'))) == 3
@@ -132,12 +133,12 @@ def test_jpeg_folder_is_shaped_like_cub(tmp_path):
 
 
 def test_rows_are_parsed_and_bad_ones_explained():
-  assert bench.parse_rows('concept_tuning, erm:128', 48) == [('concept_tuning', 48), ('erm', 128)]
+  assert settings.parse_rows('concept_tuning, erm:128', 48) == [('concept_tuning', 48), ('erm', 128)]
   with pytest.raises(ValueError, match="erm:128"):
-    bench.parse_rows('erm:big', 48)
+    settings.parse_rows('erm:big', 48)
   known = ', '.join(methods.names() + ('concept_loss',))
   with pytest.raises(ValueError, match=f"unknown row 'bogus'; rows are {known}"):
-    bench.parse_rows('erm,bogus:8', 48)
+    settings.parse_rows('erm,bogus:8', 48)
   run = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
                        cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=120)

@@ -113,15 +113,17 @@ def test_entry_points_restart_with_the_allocator_settings_and_cache_compilations
   assert cache == str(tmp_path / 'concept_jax' / 'xla')
 
 
-@pytest.mark.parametrize('command, usage', [('concept_jax.main', 'python -m concept_jax.main) --config'),
-                                            ('concept_jax.compare', 'python -m concept_jax.compare --config')])
-def test_the_command_restarts_before_importing_jax(tmp_path, command, usage):
+@pytest.mark.parametrize('command, help_flag, usage', [
+    ('concept_jax.main', '--helpfull', 'python -m concept_jax.main) --config'),
+    ('concept_jax.compare', '--helpfull', 'python -m concept_jax.compare --config'),
+    ('concept_jax.bench', '--help', 'usage: python -m concept_jax.bench')])
+def test_the_command_restarts_before_importing_jax(tmp_path, command, help_flag, usage):
   # -X importtime is kept across the restart (sys.orig_argv), so both processes report their imports:
   # jax imported once means the first process replaced itself before paying for it (1 s of CPU).
   env = subprocess_env(XDG_CACHE_HOME=str(tmp_path), GLIBC_TUNABLES='')
-  done = subprocess.run([sys.executable, '-X', 'importtime', '-m', command, '--helpfull'],
+  done = subprocess.run([sys.executable, '-X', 'importtime', '-m', command, help_flag],
                         env=env, cwd=ROOT, capture_output=True, text=True)
-  assert usage in done.stdout, done.stderr[-2000:]  # absl's help: the module's docstring
+  assert usage in done.stdout, done.stderr[-2000:]  # the help: the module's docstring
   imports = [line.rsplit('|', 1)[-1].strip() for line in done.stderr.splitlines()
              if line.startswith('import time:')]
   assert imports.count('concept_jax.runtime') == 2   # both processes ran the module's first lines

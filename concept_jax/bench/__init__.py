@@ -39,31 +39,6 @@ second half. A flat line means no per-step host memory leak; the figure is print
 
 The train-step path imports neither TensorFlow nor tensorflow-datasets; `--pipeline` needs TensorFlow.
 Results go to a printed table and to --out as JSON: device kind, versions, date, settings, every figure.
+The command is `run.main`; this package module imports nothing, so that `python -m concept_jax.bench`
+restarts with the allocator settings before it loads jax.
 """
-import json
-
-from concept_jax.bench import pipeline, soak, step
-from concept_jax.bench.pipeline import write_jpeg_folder
-from concept_jax.bench.report import environment, table
-from concept_jax.bench.settings import PRESETS, parse_args, parse_rows, settings
-
-__all__ = ['PRESETS', 'main', 'parse_args', 'parse_rows', 'table', 'write_jpeg_folder']
-
-
-def main(argv=None) -> dict:
-  """Runs the benchmark; returns (and writes to --out) the report."""
-  args = parse_args(argv)
-  if args.soak:
-    rows = [soak.bench_soak(args)]
-  elif args.pipeline:
-    rows = [pipeline.bench_pipeline(args)]
-  else:
-    rows = [step.bench_concept_loss(batch, args) if name == 'concept_loss' else
-            step.bench_train(name, batch, args) for name, batch in parse_rows(args.rows, args.batch)]
-  report = {'environment': environment(), 'settings': settings(args), 'rows': rows}
-  print(table(report), flush=True)
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(report, f, indent=2)
-    print(f'wrote {args.out}')
-  return report

@@ -2,10 +2,13 @@
 import sys
 
 from concept_jax import runtime
-from concept_jax.bench import main
 
-# The allocator settings `concept_jax.main` runs with; no compilation cache (compile times are figures).
+# The allocator settings `concept_jax.main` runs with, before jax is imported (the restarted process
+# imports it anyway); no compilation cache (compile times are figures).
 runtime.restart_with_malloc_settings()
+
+from concept_jax.bench.run import main  # noqa: E402  (after the restart)
+
 try:
   main()
 except (ValueError, FileNotFoundError, ImportError) as e:  # their messages say the fix
