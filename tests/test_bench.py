@@ -1,5 +1,4 @@
 """The benchmark end to end: the CPU preset's ERM and Concept-Tuning rows, and a tiny pipeline run."""
-import importlib
 import json
 import math
 import subprocess
@@ -139,11 +138,11 @@ def test_rows_are_parsed_and_bad_ones_explained():
   known = ', '.join(methods.names() + ('concept_loss',))
   with pytest.raises(ValueError, match=f"unknown row 'bogus'; rows are {known}"):
     settings.parse_rows('erm,bogus:8', 48)
-  run = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
-                       cwd=ROOT, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=120)
-  assert run.returncode == 1 and 'Traceback' not in run.stderr
-  assert run.stderr.startswith("concept_jax.bench: error: --rows item 'bogus': unknown row")
+  done = subprocess.run([sys.executable, '-m', 'concept_jax.bench', '--preset=cpu', '--rows=bogus'],
+                        cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1 and 'Traceback' not in done.stderr
+  assert done.stderr.startswith("concept_jax.bench: error: --rows item 'bogus': unknown row")
 
 
 def test_trace_summary_counts_exclusive_device_time_and_names_jax_ops(tmp_path):
@@ -179,14 +178,13 @@ def test_trace_summary_counts_exclusive_device_time_and_names_jax_ops(tmp_path):
 def test_negative_transfer_preset_has_the_benchmarks_shapes():
   """The preset times the steps of configs/negative_transfer.py (what `make demo` spends its time on)."""
   from configs import negative_transfer
-  settings = importlib.import_module('concept_jax.bench.settings')  # bench.settings is a function
   args = settings.parse_args(['--preset=negative_transfer'])
   bench_config = settings.make_config('concept_tuning', args.batch, args)
-  run = negative_transfer.get_config('demo').stages['s0_sr15_concept_tuning_spurious']
+  demo_run = negative_transfer.get_config('demo').stages['s0_sr15_concept_tuning_spurious']
   for field in ('depth', 'width', 'stem', 'dtype', 'ib_dim'):
-    assert bench_config.model[field] == run.model[field], field
+    assert bench_config.model[field] == demo_run.model[field], field
   for field in ('queue_size', 'confusing', 'patch_size'):
-    assert bench_config.method[field] == run.method[field], field
-  assert (bench_config.image_size, bench_config.batch_size) == (run.image_size, run.batch_size)
+    assert bench_config.method[field] == demo_run.method[field], field
+  assert (bench_config.image_size, bench_config.batch_size) == (demo_run.image_size, demo_run.batch_size)
   assert args.classes == 5
   assert settings.make_config('erm', 8, settings.parse_args(['--preset=cpu'])).model.stem == 'imagenet'
